@@ -1,0 +1,140 @@
+"""Model factory: every teacher and student is an open_clip model, named or described by a config JSON.
+
+`--teacher` / `--student` take an open_clip model name (``ViT-B-16``, or one of the configs shipped in
+``common/model_configs``: ``ViT-T-16`` from CLIP-KD and the small ``kd-*`` configs of the demo and tests) or a
+path to an open_clip-style config JSON (registered with open_clip under the file's stem, so that
+``open_clip.create_model_and_transforms(stem, pretrained=ckpt)`` works for our checkpoints too).
+
+`--pretrained` takes an open_clip pretrained tag (downloads: needs network) or a local checkpoint file: a plain
+state_dict or a dict with ``state_dict``, loaded with ``weights_only=True``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import open_clip
+import torch
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(CONFIG_DIR)
+
+
+class ModelError(ValueError):
+    """A model name, config file or checkpoint that cannot be used, with what to do about it."""
+
+
+def resolve_model_name(name_or_config: str) -> str:
+    """Register a config JSON with open_clip if given one; return the open_clip model name."""
+    path = Path(name_or_config)
+    if str(name_or_config).endswith(".json") or path.is_file():
+        if not path.is_file():
+            raise ModelError(f"model config {name_or_config!r} does not exist")
+        try:
+            cfg = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelError(f"model config {path} is not valid JSON: {e}") from e
+        missing = {"embed_dim", "vision_cfg", "text_cfg"} - set(cfg)
+        if missing:
+            raise ModelError(f"model config {path} lacks {sorted(missing)}: it must be an open_clip model config")
+        open_clip.add_model_config(path)
+        return path.stem
+    if open_clip.get_model_config(name_or_config) is None:
+        raise ModelError(
+            f"unknown model {name_or_config!r}: give an open_clip model name "
+            f"(see open_clip.list_models()) or a path to a model config JSON")
+    return name_or_config
+
+
+def model_config(name: str) -> dict:
+    return open_clip.get_model_config(resolve_model_name(name))
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over every tensor of the state_dict (name, dtype, shape, bytes), in name order."""
+    digest = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def load_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
+    """Load a local checkpoint (plain state_dict or {'state_dict': ...}) strictly, weights_only=True."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise ModelError(f"checkpoint {path} does not exist")
+    try:
+        open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+    except RuntimeError as e:
+        raise ModelError(
+            f"checkpoint {path} does not fit this model ({type(model).__name__}): {str(e).splitlines()[0]} — "
+            f"check --model/--teacher/--student names the architecture the checkpoint was trained as") from e
+
+
+@dataclass
+class LoadedCLIP:
+    """An open_clip model with everything needed to feed it and to record where it came from."""
+    name: str
+    model: torch.nn.Module
+    preprocess: Callable  # PIL image -> tensor, open_clip's eval transform for this model
+    tokenizer: Callable  # list[str] -> LongTensor
+    config: dict
+    pretrained: str | None
+    fingerprint: str
+    preprocess_cfg: dict = field(default_factory=dict)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.config["embed_dim"])
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.detach().exp().item())
+
+    def provenance(self) -> dict:
+        return {
+            "model": self.name,
+            "config": self.config,
+            "pretrained": self.pretrained,
+            "fingerprint": self.fingerprint,
+            "open_clip_version": open_clip.__version__,
+            "preprocess": self.preprocess_cfg,
+        }
+
+
+def create_clip(name_or_config: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> LoadedCLIP:
+    """Build an open_clip model (fp32) with its eval preprocessing and tokenizer, and fingerprint its weights."""
+    name = resolve_model_name(name_or_config)
+    if pretrained and not Path(pretrained).exists():
+        # an open_clip tag: open_clip resolves (and may download) it
+        try:
+            model = open_clip.create_model(name, pretrained=pretrained, device="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - re-raised with what to do
+            raise ModelError(
+                f"could not load pretrained {pretrained!r} for {name}: {e}. Offline, pass a local checkpoint "
+                f"file path to --pretrained instead of a tag") from e
+    else:
+        logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # open_clip warns on random init
+        model = open_clip.create_model(name, device="cpu")
+        if pretrained:
+            load_weights(model, pretrained)
+    model.to(device)
+    preprocess_cfg = dict(model.visual.preprocess_cfg)
+    preprocess = open_clip.image_transform_v2(open_clip.PreprocessCfg(**preprocess_cfg), is_train=False)
+    return LoadedCLIP(
+        name=name,
+        model=model,
+        preprocess=preprocess,
+        tokenizer=open_clip.get_tokenizer(name),
+        config=open_clip.get_model_config(name),
+        pretrained=str(pretrained) if pretrained else None,
+        fingerprint=weights_fingerprint(model),
+        preprocess_cfg={k: list(v) if isinstance(v, tuple) else v for k, v in preprocess_cfg.items()},
+    )

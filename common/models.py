@@ -10,14 +10,17 @@ state_dict or a dict with ``state_dict``, loaded with ``weights_only=True``.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import open_clip
+from open_clip.transform import PreprocessCfg, image_transform_v2
 import torch
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -59,7 +62,7 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     state = model.state_dict()
     for name in sorted(state):
-        tensor = state[name].detach().to("cpu").contiguous()
+        tensor = state[name].detach().to("cpu").contiguous().reshape(-1)
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
@@ -98,6 +101,21 @@ class LoadedCLIP:
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.detach().exp().item())
 
+    def _autocast(self):
+        device = next(self.model.parameters()).device
+        return torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised float32 image embeddings on the CPU, under inference mode (autocast on GPU)."""
+        device = next(self.model.parameters()).device
+        with torch.inference_mode(), self._autocast():
+            return self.model.encode_image(images.to(device, non_blocking=True), normalize=True).float().cpu()
+
+    def embed_texts(self, tokens: torch.Tensor) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        with torch.inference_mode(), self._autocast():
+            return self.model.encode_text(tokens.to(device, non_blocking=True), normalize=True).float().cpu()
+
     def provenance(self) -> dict:
         return {
             "model": self.name,
@@ -122,12 +140,14 @@ def create_clip(name_or_config: str, pretrained: str | None = None, device: str 
                 f"file path to --pretrained instead of a tag") from e
     else:
         logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # open_clip warns on random init
-        model = open_clip.create_model(name, device="cpu")
+        with torch.random.fork_rng():  # a random-init model is reproducible (its fingerprint identifies it)
+            torch.manual_seed(0)
+            model = open_clip.create_model(name, device="cpu")
         if pretrained:
             load_weights(model, pretrained)
     model.to(device)
     preprocess_cfg = dict(model.visual.preprocess_cfg)
-    preprocess = open_clip.image_transform_v2(open_clip.PreprocessCfg(**preprocess_cfg), is_train=False)
+    preprocess = image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=False)
     return LoadedCLIP(
         name=name,
         model=model,
@@ -138,3 +158,23 @@ def create_clip(name_or_config: str, pretrained: str | None = None, device: str 
         fingerprint=weights_fingerprint(model),
         preprocess_cfg={k: list(v) if isinstance(v, tuple) else v for k, v in preprocess_cfg.items()},
     )
+
+
+def clip_from_provenance(provenance: dict, pretrained: str | None = None, device: str = "cpu") -> LoadedCLIP:
+    """Rebuild the exact teacher a cache was built with (its config is stored, so a config file need not exist),
+    and check its weights' fingerprint. `pretrained` overrides a stored checkpoint path that moved."""
+    name, config = provenance["model"], provenance["config"]
+    if open_clip.get_model_config(name) != config:
+        config_dir = Path(tempfile.mkdtemp(prefix="kd-teacher-config-"))
+        path = config_dir / f"{name}.json"
+        path.write_text(json.dumps(config))
+        name = resolve_model_name(str(path))
+    weights = pretrained or provenance.get("pretrained")
+    if weights and not Path(weights).exists() and Path(weights).suffix in (".pt", ".pth", ".bin", ".safetensors"):
+        raise ModelError(f"the teacher's weights {weights} (recorded in the cache) are not there: pass the "
+                         f"checkpoint's new path with --teacher-pretrained")
+    teacher = create_clip(name, weights, device=device)
+    if teacher.fingerprint != provenance["fingerprint"]:
+        raise ModelError(f"teacher weights {weights} have fingerprint {teacher.fingerprint[:12]}, the cache was "
+                         f"built with {provenance['fingerprint'][:12]}: these are not the cache's teacher weights")
+    return teacher

@@ -1,0 +1,227 @@
+"""The one corpus reader: webdataset shards (img2dataset layout) -> samples that carry their identity.
+
+A corpus is a list of tar shards. `Corpus.open(spec)` indexes the shards once (tar headers only: keys and the
+byte offset where each sample starts), which fixes the row of every sample: rows follow shard order, then order
+inside the shard. Rows never shift: a sample that cannot be decoded still has its row (marked invalid).
+
+Reading goes through webdataset's tar iterators, starting at a sample's offset, so any row range can be read
+without reading the shard from its beginning (build blocks, resume, rank splits).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import braceexpand
+import numpy as np
+from PIL import Image
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+ON_ERROR_CHOICES = ("raise", "skip")
+
+
+class CorpusError(ValueError):
+    """A shard spec, shard or sample that cannot be read, naming the shard and key at fault."""
+
+
+def expand_spec(spec: str | Sequence[str]) -> list[Path]:
+    """Shard paths from a spec: brace patterns (`shards/{00000..00099}.tar`), directories (their *.tar, sorted),
+    files, lists of any of these (a Python list or '::'-separated, as webdataset writes them)."""
+    parts = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    parts = [p for part in parts for p in str(part).split("::") if p]
+    paths: list[Path] = []
+    for part in parts:
+        for item in braceexpand.braceexpand(part):
+            path = Path(item)
+            if path.is_dir():
+                found = sorted(path.glob("*.tar"))
+                if not found:
+                    raise CorpusError(f"data spec {part!r}: directory {path} holds no .tar shard")
+                paths.extend(found)
+            elif path.is_file():
+                paths.append(path)
+            else:
+                raise CorpusError(f"data spec {part!r}: shard {path} does not exist")
+    if not paths:
+        raise CorpusError(f"data spec {spec!r} matches no shard")
+    if len(set(paths)) != len(paths):
+        raise CorpusError(f"data spec {spec!r} names a shard twice")
+    return paths
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """One shard's samples in order: keys and the byte offset of each sample's first tar member."""
+    path: str
+    name: str
+    size: int
+    keys: tuple[str, ...]
+    offsets: tuple[int, ...]
+    error: str | None = None  # set when the tar is corrupt: samples after the damage are not indexed
+
+    @staticmethod
+    def scan(path: Path) -> "ShardIndex":
+        keys: list[str] = []
+        offsets: list[int] = []
+        error = None
+        try:
+            with tarfile.open(path, mode="r:") as tar:
+                for member in tar:
+                    key, _ = base_plus_ext(member.name)
+                    if not member.isreg() or key is None or os.path.basename(member.name).startswith("__"):
+                        continue
+                    if not keys or keys[-1] != key:
+                        keys.append(key)
+                        offsets.append(member.offset)
+        except (tarfile.TarError, EOFError, OSError) as e:
+            error = f"corrupt tar after {len(keys)} samples: {e}"
+        return ShardIndex(str(path), path.name, path.stat().st_size, tuple(keys), tuple(offsets), error)
+
+
+@dataclass
+class Sample:
+    """A decoded sample and its identity (row in the corpus, shard, index in shard, __key__)."""
+    row: int
+    shard: str
+    index: int
+    key: str
+    image: Image.Image | None = None
+    captions: list[str] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+    error: str | None = None  # why the sample is invalid (only with on_error='skip')
+
+    @property
+    def caption(self) -> str:
+        """The caption that training and the cache use: the first line of the .txt."""
+        return self.captions[0]
+
+
+def decode_sample(raw: dict) -> tuple[Image.Image, list[str], dict]:
+    """Decode one webdataset sample dict; raise ValueError saying what is wrong with it."""
+    image_ext = next((ext for ext in IMAGE_EXTS if ext in raw), None)
+    if image_ext is None:
+        raise ValueError(f"no image ({'/'.join(IMAGE_EXTS)}) among {sorted(k for k in raw if not k.startswith('__'))}")
+    try:
+        image = Image.open(io.BytesIO(raw[image_ext]))
+        image.load()
+        image = image.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad bytes
+        raise ValueError(f"undecodable image .{image_ext}: {e}") from e
+    if "txt" not in raw:
+        raise ValueError("no caption (.txt)")
+    captions = [line.strip() for line in raw["txt"].decode("utf-8", errors="replace").splitlines() if line.strip()]
+    if not captions:
+        raise ValueError("empty caption (.txt)")
+    meta = {}
+    if "json" in raw:
+        try:
+            meta = json.loads(raw["json"])
+        except ValueError as e:
+            raise ValueError(f"bad .json: {e}") from e
+    return image, captions, meta
+
+
+class Corpus:
+    """Indexed shards with a fixed row for every sample."""
+
+    def __init__(self, shards: list[ShardIndex], spec: str = ""):
+        self.spec = spec
+        self.shards = shards
+        counts = np.array([len(s.keys) for s in shards], dtype=np.int64)
+        self.first_rows = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        self.counts = counts
+        self.num_samples = int(counts.sum())
+
+    @classmethod
+    def open(cls, spec: str | Sequence[str], on_error: str = "raise") -> "Corpus":
+        if on_error not in ON_ERROR_CHOICES:
+            raise CorpusError(f"--on-error {on_error!r}: choose one of {ON_ERROR_CHOICES}")
+        shards = [ShardIndex.scan(p) for p in expand_spec(spec)]
+        for shard in shards:
+            if shard.error and on_error == "raise":
+                raise CorpusError(f"shard {shard.path}: {shard.error}. Repair or remove the shard, "
+                                  f"or pass --on-error skip to use the samples before the damage")
+        names = [s.name for s in shards]
+        if len(set(names)) != len(names):  # shard identity is its file name (provenance survives moving data)
+            raise CorpusError(f"data spec {spec!r}: two shards share a file name; give each shard a unique name")
+        corpus = cls(shards, spec if isinstance(spec, str) else "::".join(map(str, spec)))
+        if corpus.num_samples == 0:
+            raise CorpusError(f"data spec {spec!r}: the shards hold no sample")
+        return corpus
+
+    @property
+    def keys(self) -> np.ndarray:
+        return np.array([k for s in self.shards for k in s.keys], dtype=object)
+
+    @property
+    def errors(self) -> list[str]:
+        return [f"{s.path}: {s.error}" for s in self.shards if s.error]
+
+    def description(self) -> dict:
+        """What identifies the corpus for provenance: shard names, byte sizes and sample counts."""
+        return {
+            "num_samples": self.num_samples,
+            "shards": [{"name": s.name, "size": s.size, "count": len(s.keys)} for s in self.shards],
+        }
+
+    def locate(self, row: int) -> tuple[int, int]:
+        """(shard number, index in shard) of a row."""
+        shard = int(np.searchsorted(self.first_rows, row, side="right") - 1)
+        return shard, row - int(self.first_rows[shard])
+
+    def read(self, start: int = 0, stop: int | None = None, on_error: str = "raise") -> Iterator[Sample]:
+        """Samples of rows [start, stop) in row order. A bad sample raises CorpusError naming shard and key, or,
+        with on_error='skip', comes back with `error` set and no image."""
+        stop = self.num_samples if stop is None else stop
+        row = start
+        while row < stop:
+            shard_no, index = self.locate(row)
+            shard = self.shards[shard_no]
+            n = min(stop - row, len(shard.keys) - index)
+            yield from self._read_shard(shard, int(self.first_rows[shard_no]), index, index + n, on_error)
+            row += n
+
+    def _read_shard(self, shard: ShardIndex, first_row: int, begin: int, end: int, on_error: str) -> Iterator[Sample]:
+        expected = iter(range(begin, end))
+        try:
+            with open(shard.path, "rb") as stream:
+                stream.seek(shard.offsets[begin])
+                members = ({**member, "__url__": shard.path} for member in tar_file_iterator(stream))
+                for raw in group_by_keys(members):
+                    index = next(expected, None)
+                    if index is None:
+                        return
+                    key = shard.keys[index]
+                    if raw["__key__"] != key:
+                        raise CorpusError(f"shard {shard.path}: expected key {key} at index {index}, found "
+                                          f"{raw['__key__']}: the shard changed since it was indexed")
+                    yield self._decoded(shard, first_row, index, key, raw, on_error)
+        except (tarfile.TarError, EOFError, OSError) as e:
+            error = f"tar read error: {e}"
+        else:
+            error = "tar ended early"
+        # samples the stream could not deliver: raise, or keep their rows as invalid
+        for index in expected:
+            key = shard.keys[index]
+            if on_error == "raise":
+                raise CorpusError(f"shard {shard.path}, key {key}: {error}. Repair or remove the shard, "
+                                  f"or pass --on-error skip")
+            yield Sample(first_row + index, shard.name, index, key, error=error)
+
+    @staticmethod
+    def _decoded(shard: ShardIndex, first_row: int, index: int, key: str, raw: dict, on_error: str) -> Sample:
+        sample = Sample(first_row + index, shard.name, index, key)
+        try:
+            sample.image, sample.captions, sample.meta = decode_sample(raw)
+        except ValueError as e:
+            if on_error == "raise":
+                raise CorpusError(f"shard {shard.path}, key {key}: {e}. Fix the sample, "
+                                  f"or pass --on-error skip to record it as an invalid row") from e
+            sample.error = str(e)
+        return sample

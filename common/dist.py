@@ -1,0 +1,67 @@
+"""torchrun integration: one process per rank, gloo on CPU, nccl on GPU. A plain `python` run is rank 0 of 1."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed(device: str) -> tuple[int, int]:
+    """Join the torchrun process group if launched by torchrun; return (rank, world_size)."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if str(device).startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def local_device(device: str) -> str:
+    """'cuda' under torchrun means this rank's GPU."""
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{os.environ['LOCAL_RANK']}"
+    return device
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...]; [obj] when not distributed."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor across ranks along dim 0, keeping the autograd graph of the local part
+    (torch.distributed.nn's all_gather backpropagates to every rank, as CLIP's gather_features does)."""
+    if not is_distributed():
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+    return torch.cat(all_gather(tensor), dim=0)
+
+
+def all_reduce_sum(value: float) -> float:
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item())

@@ -1,0 +1,155 @@
+"""The contract between the training loop, the target provider and the losses.
+
+A loss is a small `torch.nn.Module` registered by name. It declares which student outputs and which teacher
+targets it reads (`student_needs`, `teacher_needs`: field names of `StudentOutputs` / `TeacherTargets`), so the
+loop computes only what the chosen losses read, and the target provider knows whether the cache can serve them.
+The loop never looks at loss names.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+# Teacher targets the cache can hold; anything else comes from the live teacher.
+CACHEABLE_TARGETS = frozenset({"image_emb", "text_emb", "logit_scale", "image_grad", "text_grad"})
+
+
+@dataclass
+class Dims:
+    """Sizes the losses build their learnable parts from."""
+    student_embed: int
+    teacher_embed: int
+    student_vision_width: int = 0
+    teacher_vision_width: int = 0
+    student_text_width: int = 0
+    teacher_text_width: int = 0
+    student_vision_layers: int = 0
+    teacher_vision_layers: int = 0
+    student_text_layers: int = 0
+    teacher_text_layers: int = 0
+
+
+@dataclass
+class StudentOutputs:
+    """Student outputs on the (global, gathered) batch. Optional fields are filled only when a loss needs them."""
+    image_emb: torch.Tensor  # (B, D_s) raw image embeddings, before L2 norm
+    text_emb: torch.Tensor  # (B, D_s) raw text embeddings
+    logit_scale: torch.Tensor  # scalar s = exp(logit_scale), clamped to <= 100
+    image_emb_proj: torch.Tensor  # (B, D_t) P_v I_s, not normalised (identity map when D_s == D_t)
+    text_emb_proj: torch.Tensor  # (B, D_t) P_t T_s
+    masked_image_emb_proj: torch.Tensor | None = None  # (B, D_t) P_v I_s of the MAE-masked view (MFD)
+    image_tokens: torch.Tensor | None = None  # (B, N_s, W_s) all tokens, CLS first, after the final LayerNorm
+    hidden_states: dict[str, list[torch.Tensor]] | None = None  # {'image'|'text': per layer (B, N, W)}
+    attentions: dict[str, list[torch.Tensor]] | None = None  # {'image'|'text': per layer (B, H, N, N)}
+
+
+@dataclass
+class TeacherTargets:
+    """Teacher targets for the view the student saw. Embeddings are L2-normalised; grads at teacher scale."""
+    image_emb: torch.Tensor | None = None  # (B, D_t)
+    text_emb: torch.Tensor | None = None  # (B, D_t)
+    logit_scale: float | None = None  # s_t, frozen
+    image_grad: torch.Tensor | None = None  # (B, D_t) dL/dI of the teacher's CLIP loss on this exact batch
+    text_grad: torch.Tensor | None = None  # (B, D_t)
+    image_tokens: torch.Tensor | None = None  # (B, N_t, W_t) after the final LayerNorm
+    hidden_states: dict[str, list[torch.Tensor]] | None = None
+    attentions: dict[str, list[torch.Tensor]] | None = None
+
+
+class DistillLoss(nn.Module):
+    """Base class: subclasses set `name`, `student_needs`, `teacher_needs`, `default_weight` and `forward`."""
+    name: ClassVar[str]
+    default_weight: ClassVar[float] = 1.0
+    student_needs: ClassVar[frozenset[str]] = frozenset({"image_emb", "text_emb", "logit_scale"})
+    teacher_needs: ClassVar[frozenset[str]] = frozenset()
+    # teacher fields that the loss uses when present but can do without (GD recomputes grads from embeddings)
+    teacher_optional: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, dims: Dims):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, student: StudentOutputs, teacher: TeacherTargets) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+LOSSES: dict[str, type[DistillLoss]] = {}
+
+
+def register_loss(cls: type[DistillLoss]) -> type[DistillLoss]:
+    if cls.name in LOSSES:
+        raise ValueError(f"loss {cls.name!r} registered twice")
+    LOSSES[cls.name] = cls
+    return cls
+
+
+class LossSpecError(ValueError):
+    """A --losses value that cannot be parsed or names an unknown loss."""
+
+
+_WEIGHT = re.compile(r"^[+]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+
+
+def parse_loss_spec(spec: str) -> list[tuple[str, float | None]]:
+    """'fd:2000,icl:1,crd' -> [('fd', 2000.0), ('icl', 1.0), ('crd', None)] (None = the loss's default weight)."""
+    items = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            raise LossSpecError(f"--losses {spec!r}: empty entry; write name[:weight] separated by commas")
+        name, _, weight = part.partition(":")
+        name = name.strip()
+        if name not in LOSSES:
+            raise LossSpecError(f"--losses {spec!r}: unknown loss {name!r}; known: {', '.join(sorted(LOSSES))}")
+        if any(n == name for n, _ in items):
+            raise LossSpecError(f"--losses {spec!r}: {name!r} given twice")
+        if weight == "" and ":" in part:
+            raise LossSpecError(f"--losses {spec!r}: {name!r} has ':' but no weight")
+        if weight and not _WEIGHT.match(weight.strip()):
+            raise LossSpecError(f"--losses {spec!r}: weight {weight!r} of {name!r} is not a non-negative number "
+                                f"(e.g. 2000, 0.5, 1e8)")
+        items.append((name, float(weight) if weight else None))
+    return items
+
+
+class LossSet(nn.Module):
+    """The chosen losses with their weights; its parameters (projections, fusion encoders...) train with the student."""
+
+    def __init__(self, spec: str, dims: Dims):
+        super().__init__()
+        parsed = parse_loss_spec(spec)
+        self.losses = nn.ModuleDict({name: LOSSES[name](dims) for name, _ in parsed})
+        self.weights = {name: (LOSSES[name].default_weight if w is None else w) for name, w in parsed}
+
+    @property
+    def student_needs(self) -> frozenset[str]:
+        return frozenset().union(*(loss.student_needs for loss in self.losses.values()))
+
+    @property
+    def teacher_needs(self) -> frozenset[str]:
+        return frozenset().union(*(loss.teacher_needs for loss in self.losses.values()))
+
+    @property
+    def teacher_optional(self) -> frozenset[str]:
+        return frozenset().union(*(loss.teacher_optional for loss in self.losses.values()))
+
+    @property
+    def needs_teacher(self) -> bool:
+        return bool(self.teacher_needs)
+
+    def forward(self, student: StudentOutputs, teacher: TeacherTargets) -> tuple[torch.Tensor, dict[str, float]]:
+        """Weighted sum, and each unweighted term for the log.
+
+        Runs with autocast off: the losses cast their inputs to float32, and under bf16 autocast their matmuls
+        (logits, Gram matrices, projections) would otherwise still run in bf16.
+        """
+        total, terms = 0.0, {}
+        with torch.autocast(student.image_emb.device.type, enabled=False):
+            for name, loss in self.losses.items():
+                value = loss(student, teacher)
+                terms[name] = float(value.detach())
+                total = total + self.weights[name] * value
+        return total, terms

@@ -1,0 +1,7 @@
+"""Distillation losses, one registered module each; importing this package fills `LOSSES`."""
+from . import cka, clip_kd, dlip, tokenfd  # noqa: F401  (register the losses)
+from .base import (CACHEABLE_TARGETS, LOSSES, Dims, DistillLoss, LossSet, LossSpecError, StudentOutputs,
+                   TeacherTargets, parse_loss_spec, register_loss)
+
+__all__ = ["CACHEABLE_TARGETS", "LOSSES", "Dims", "DistillLoss", "LossSet", "LossSpecError", "StudentOutputs",
+           "TeacherTargets", "parse_loss_spec", "register_loss"]

@@ -1,0 +1,53 @@
+"""Small helpers shared by the loss modules (fp32 maths, diagonal CE, learnable scale, token-grid resampling)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MAX_SCALE = 100.0  # CLIP's clamp on exp(logit_scale)
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    """L2-normalise rows in float32 (bf16 autocast must not touch the reductions)."""
+    return F.normalize(x.float(), dim=-1)
+
+
+def diag_ce(logits: torch.Tensor) -> torch.Tensor:
+    """CE(logits, y) with y = arange(B): row i's positive is column i."""
+    return F.cross_entropy(logits, torch.arange(logits.shape[0], device=logits.device))
+
+
+class LogitScale(nn.Module):
+    """A learnable contrastive scale c = min(exp(param), 100), param initialised to log(1/0.07) (CLIP's init).
+
+    The public CLIP-KD code used its ICL/AFD scale parameters raw (c = 2.66, temperature 0.38); here they are
+    exponentiated and clamped like CLIP's own logit scale.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.param = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(self) -> torch.Tensor:
+        return self.param.float().exp().clamp(max=MAX_SCALE)
+
+
+def _grid_side(n_patches: int) -> int:
+    side = math.isqrt(n_patches)
+    if side * side != n_patches:
+        raise ValueError(f"cannot resample {n_patches} patch tokens: not a square grid (tokens must be CLS + g*g)")
+    return side
+
+
+def resample_tokens(x: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """(B, N, W) tokens, CLS first, to (B, n_tokens, W): bilinear on the sqrt(N-1) x sqrt(N-1) patch grid, CLS kept."""
+    if x.shape[1] == n_tokens:
+        return x
+    side_in, side_out = _grid_side(x.shape[1] - 1), _grid_side(n_tokens - 1)
+    cls, patches = x[:, :1], x[:, 1:]
+    grid = patches.transpose(1, 2).reshape(x.shape[0], x.shape[2], side_in, side_in)
+    grid = F.interpolate(grid, size=(side_out, side_out), mode="bilinear", align_corners=False)
+    return torch.cat([cls, grid.flatten(2).transpose(1, 2)], dim=1)

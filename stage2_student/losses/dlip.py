@@ -1,0 +1,113 @@
+"""DLIP layer-wise distillation (Kuang et al. 2023, "DLIP: Distilling Language-Image Pre-training").
+
+Two losses, so each can be weighted (or left out) on its own and the loop extracts attention maps only when
+asked: `dlip` (hidden representations, the paper's stronger signal) and `dlip_attn` (attention maps).
+Both use all student layers, mapped by `map_layers`, for the image and the text tower, average over the mapped
+pairs (so weight 1 does not depend on depth) and sum the two towers. Vision token grids that differ are resampled
+bilinearly to the teacher's (CLS kept); text sequences must have the same length.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._ops import resample_tokens
+from .base import DistillLoss, Dims, StudentOutputs, TeacherTargets, register_loss
+
+TOWERS = ("image", "text")
+
+
+def map_layers(student_layers: int, teacher_layers: int) -> list[int]:
+    """Teacher layer (0-based) for each student layer m: round((m + 1) L_t / L_s) - 1, halves rounded up."""
+    if student_layers < 1 or teacher_layers < 1:
+        raise ValueError(f"layer counts must be positive, got {student_layers} and {teacher_layers}")
+    # integer round-half-up of (m+1) L_t / L_s; max(0, .) only matters for a student deeper than twice the teacher
+    return [max(0, (2 * (m + 1) * teacher_layers + student_layers) // (2 * student_layers) - 1)
+            for m in range(student_layers)]
+
+
+def _align_tokens(tower: str, x: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    if tower == "image":
+        return resample_tokens(x, n_tokens)
+    if x.shape[1] != n_tokens:
+        raise ValueError(f"dlip: student text has {x.shape[1]} tokens, teacher {n_tokens}: use one context length")
+    return x
+
+
+def _align_attention(tower: str, a: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """(B, H, N, N) -> (B, H, n, n): resample the query axis, then the key axis, and renormalise rows."""
+    if a.shape[-1] == n_tokens:
+        return a
+    b, h, n, _ = a.shape
+    x = _align_tokens(tower, a.reshape(b * h, n, n), n_tokens)  # queries; keys play the width
+    x = _align_tokens(tower, x.transpose(1, 2), n_tokens).transpose(1, 2)
+    return (x / x.sum(-1, keepdim=True)).reshape(b, h, n_tokens, n_tokens)
+
+
+def attention_kl(a_s: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
+    """KL(A_t ‖ A_s), summed over keys, mean over batch, heads and queries; heads averaged if their counts differ."""
+    if a_s.shape[1] != a_t.shape[1]:
+        a_s, a_t = a_s.mean(1, keepdim=True), a_t.mean(1, keepdim=True)
+    # xlogy: masked (causal) entries where A_t = 0 contribute 0; the clamp keeps log A_s finite there
+    return (torch.xlogy(a_t, a_t) - a_t * a_s.clamp_min(1e-8).log()).sum(-1).mean()
+
+
+def _layers(dims: Dims, tower: str) -> tuple[int, int]:
+    return ((dims.student_vision_layers, dims.teacher_vision_layers) if tower == "image"
+            else (dims.student_text_layers, dims.teacher_text_layers))
+
+
+@register_loss
+class DLIPRep(DistillLoss):
+    """L = sum_towers mean_m MSE(W_m h_s^m, h_t^{map(m)}), h: (B, N, W) block outputs, W_m = Linear(W_s -> W_t).
+
+    Weight 1 (DLIP adds its distillation terms to the pre-training loss unweighted).
+    """
+    name = "dlip"
+    default_weight = 1.0
+    student_needs = frozenset({"hidden_states"})
+    teacher_needs = frozenset({"hidden_states"})
+
+    def __init__(self, dims: Dims):
+        super().__init__(dims)
+        widths = {"image": (dims.student_vision_width, dims.teacher_vision_width),
+                  "text": (dims.student_text_width, dims.teacher_text_width)}
+        if not all(all(widths[t]) and all(_layers(dims, t)) for t in TOWERS):
+            raise ValueError(f"dlip needs the vision and text widths and layer counts in Dims, got {dims}")
+        self.layer_map = {t: map_layers(*_layers(dims, t)) for t in TOWERS}
+        self.proj = nn.ModuleDict({t: nn.ModuleList(nn.Linear(*widths[t]) for _ in self.layer_map[t])
+                                   for t in TOWERS})
+
+    def forward(self, student: StudentOutputs, teacher: TeacherTargets) -> torch.Tensor:
+        total = 0.0
+        for tower in TOWERS:
+            h_s, h_t = student.hidden_states[tower], teacher.hidden_states[tower]
+            if len(h_s) != len(self.layer_map[tower]):
+                raise ValueError(f"dlip: {len(h_s)} student {tower} hidden states, Dims says "
+                                 f"{len(self.layer_map[tower])} layers")
+            terms = [F.mse_loss(_align_tokens(tower, proj(h_s[m].float()), h_t[n].shape[1]), h_t[n].float())
+                     for m, (proj, n) in enumerate(zip(self.proj[tower], self.layer_map[tower]))]
+            total = total + torch.stack(terms).mean()
+        return total
+
+
+@register_loss
+class DLIPAttn(DistillLoss):
+    """L = sum_towers mean_m KL(A_t^{map(m)} ‖ A_s^m), A: (B, H, N, N) softmax attention maps (`attention_kl`).
+
+    The layer map comes from the lengths of the attention lists. Weight 1 (as `dlip`).
+    """
+    name = "dlip_attn"
+    default_weight = 1.0
+    student_needs = frozenset({"attentions"})
+    teacher_needs = frozenset({"attentions"})
+
+    def forward(self, student: StudentOutputs, teacher: TeacherTargets) -> torch.Tensor:
+        total = 0.0
+        for tower in TOWERS:
+            a_s, a_t = student.attentions[tower], teacher.attentions[tower]
+            terms = [attention_kl(_align_attention(tower, a_s[m].float(), a_t[n].shape[-1]), a_t[n].float())
+                     for m, n in enumerate(map_layers(len(a_s), len(a_t)))]
+            total = total + torch.stack(terms).mean()
+        return total

@@ -122,7 +122,8 @@ class CacheStore:
     def load(self, name: str) -> np.ndarray:
         """A whole array in memory (zarr reads its chunks in parallel; never row by row)."""
         self.require([name])
-        return self.group[name][...]
+        data = self.group[name][...]
+        return data.astype(object).astype(str) if data.dtype.kind == "T" else data  # StringDType -> fixed str
 
     def nbytes(self, name: str) -> int:
         array = self.group[name]

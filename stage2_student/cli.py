@@ -1,0 +1,59 @@
+"""`kd-train`: stage two."""
+from __future__ import annotations
+
+import json
+import logging
+
+import click
+
+from common.cache import CacheError
+from common.corpus import CorpusError
+from common.models import ModelError
+from stage2_student.losses import LossSpecError
+from stage2_student.targets import MODES
+from stage2_student.train import DEFAULT_LOSSES, TrainOptions, train
+
+
+@click.command()
+@click.option("--data", required=True, help="training shards (brace pattern, directory or '::' list)")
+@click.option("--out", required=True, type=click.Path(), help="run directory: student.pt, resume.pt, metrics.jsonl")
+@click.option("--student", required=True, help="open_clip model name or model config JSON")
+@click.option("--cache", default=None, type=click.Path(), help="teacher cache built by `kd-cache build`")
+@click.option("--losses", default=DEFAULT_LOSSES, show_default=True,
+              help="name[:weight],... e.g. fd:2000,icl:1,crd:1; 'task' alone trains plain CLIP")
+@click.option("--teacher-targets", type=click.Choice(MODES), default="auto", show_default=True,
+              help="auto: cache, else live teacher; cache: refuse what the cache cannot serve; live: always teacher")
+@click.option("--teacher", default=None, help="live teacher when no --cache (with --teacher-targets live)")
+@click.option("--teacher-pretrained", default=None, help="teacher weights (if moved since the cache was built)")
+@click.option("--batch-size", default=256, show_default=True, help="global batch")
+@click.option("--epochs", default=1, show_default=True)
+@click.option("--steps", default=None, type=int, help="train this many steps instead of --epochs")
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--wd", default=0.1, show_default=True)
+@click.option("--warmup", default=10000, show_default=True, help="linear warm-up steps, then cosine")
+@click.option("--grad-clip", default=None, type=float, help="clip the gradient norm to this value")
+@click.option("--augment", is_flag=True, help="random crops: the cache's stored views, else fresh crops (live)")
+@click.option("--batching", type=click.Choice(["shuffle", "cache"]), default="shuffle", show_default=True,
+              help="cache: replay the build's gradient batches (GD then uses the cached gradients)")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--workers", default=2, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--shuffle-buffer", default=1000, show_default=True)
+@click.option("--log-every", default=10, show_default=True)
+@click.option("--save-every", default=500, show_default=True)
+@click.option("--resume", is_flag=True, help="continue the run in --out from its resume.pt")
+@click.option("--init", default=None, help="student initial weights (open_clip checkpoint)")
+@click.option("-v", "--verbose", is_flag=True)
+def main(verbose: bool, **kwargs):
+    """Train a CLIP student against a teacher cache (live teacher as fallback)."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(name)s: %(message)s")
+    try:
+        last = train(TrainOptions(**kwargs))
+    except (CacheError, CorpusError, ModelError, LossSpecError, ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(json.dumps(last))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Training data: corpus samples joined to cache rows, in a seeded shuffled order, rendered for each model.
+
+The order of an epoch is a pure function of (seed, epoch): shards are shuffled, then rows pass through a
+shuffle buffer (webdataset-style), computed on row numbers from the corpus index before anything is decoded.
+A global batch is a slice of that order; each rank takes its contiguous part, so gathering across ranks
+rebuilds the global batch in order. Resuming at step k therefore needs no replay of the data.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from common.cache import CacheError, CacheStore
+from common.corpus import Corpus
+from common.models import LoadedCLIP
+from common.views import CLEAN_VIEW, DEFAULT_SCALE, View, render, sample_view, view_from_arrays
+
+
+def _rng(*parts) -> np.random.Generator:
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def join_to_cache(corpus: Corpus, cache: CacheStore) -> np.ndarray:
+    """Cache row of every corpus row, by shard identity (name, size, count) and key; refuses other data."""
+    shards = cache.load("shard_names")
+    first = cache.load("shard_first_row")
+    counts, sizes = cache.load("shard_count"), cache.load("shard_size")
+    where = {str(name): i for i, name in enumerate(shards)}
+    keys = cache.load("keys")
+    rows = np.empty(corpus.num_samples, dtype=np.int64)
+    for shard, start in zip(corpus.shards, corpus.first_rows):
+        i = where.get(shard.name)
+        if i is None:
+            raise CacheError(f"shard {shard.path} is not in cache {cache.path} (built from "
+                             f"{len(shards)} shards {shards[0]}..{shards[-1]}): build a cache for this data")
+        if counts[i] != len(shard.keys) or sizes[i] != shard.size:
+            raise CacheError(f"shard {shard.path} differs from the one cache {cache.path} was built from "
+                             f"({len(shard.keys)} samples / {shard.size} bytes, cache has {counts[i]} / {sizes[i]}): "
+                             f"rebuild the cache")
+        span = np.arange(first[i], first[i] + counts[i])
+        if not np.array_equal(keys[span].astype(str), np.array(shard.keys, dtype=str)):
+            raise CacheError(f"shard {shard.path}: keys differ from cache {cache.path}: rebuild the cache")
+        rows[start:start + len(shard.keys)] = span
+    return rows
+
+
+def shuffled_rows(corpus: Corpus, usable: np.ndarray, seed: int, epoch: int, buffer: int) -> np.ndarray:
+    """Shard order shuffled, then a shuffle buffer of `buffer` rows, on the usable rows."""
+    rng = _rng("order", seed, epoch)
+    out, pool = [], []
+    for shard_no in rng.permutation(len(corpus.shards)):
+        start = int(corpus.first_rows[shard_no])
+        for row in range(start, start + int(corpus.counts[shard_no])):
+            if not usable[row]:
+                continue
+            if len(pool) < buffer:
+                pool.append(row)
+                continue
+            j = int(rng.integers(len(pool)))
+            out.append(pool[j])
+            pool[j] = row
+    rng.shuffle(pool)
+    return np.array(out + pool, dtype=np.int64)
+
+
+@dataclass
+class Renderer:
+    """One model's way of seeing a sample: its eval preprocessing and its tokenizer."""
+    preprocess: object
+    tokenizer: object
+
+    @classmethod
+    def of(cls, clip: LoadedCLIP) -> "Renderer":
+        return cls(clip.preprocess, clip.tokenizer)
+
+
+class TrainBatches(Dataset):
+    """Item `step` of an epoch: this rank's part of global batch `step`, rendered for the student (and for the
+    teacher when targets may come from the live teacher)."""
+
+    def __init__(self, corpus: Corpus, batches: np.ndarray, cache_rows: np.ndarray | None, rank: int, world: int,
+                 student: Renderer, teacher: Renderer | None, views: "ViewPolicy", epoch: int):
+        self.corpus, self.batches, self.cache_rows = corpus, batches, cache_rows
+        self.rank, self.world, self.epoch = rank, world, epoch
+        self.student, self.teacher, self.views = student, teacher, views
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, step: int) -> dict:
+        batch = self.batches[step]
+        local = np.array_split(batch, self.world)[self.rank]
+        samples = [next(self.corpus.read(int(r), int(r) + 1)) for r in local]
+        chosen = [self.views.choose(s.key, self.epoch, None if self.cache_rows is None else self.cache_rows[s.row])
+                  for s in samples]
+        out = {
+            "step": step,
+            "rows": torch.from_numpy(local),
+            "cache_rows": torch.from_numpy(self.cache_rows[local]) if self.cache_rows is not None else None,
+            "view": torch.tensor([v for v, _ in chosen]),  # stored view number, -1 when the cache lacks it
+            "student_images": torch.stack([render(s.image, view, self.student.preprocess)
+                                           for s, (_, view) in zip(samples, chosen)]),
+            "student_tokens": self.student.tokenizer([s.caption for s in samples]),
+        }
+        if self.teacher is not None:
+            out["teacher_images"] = torch.stack([render(s.image, view, self.teacher.preprocess)
+                                                 for s, (_, view) in zip(samples, chosen)])
+            out["teacher_tokens"] = self.teacher.tokenizer([s.caption for s in samples])
+        return out
+
+
+class ViewPolicy:
+    """Which view of a sample the student sees: the clean view, or with --augment one of the K views the cache
+    stores (a cache hit), or a fresh random crop when the cache stores none (live teacher)."""
+
+    def __init__(self, augment: bool, seed: int, boxes: np.ndarray | None = None, flips: np.ndarray | None = None,
+                 scale=DEFAULT_SCALE):
+        self.augment, self.seed, self.boxes, self.flips, self.scale = augment, seed, boxes, flips, scale
+
+    @property
+    def stored_views(self) -> int:
+        return 0 if self.boxes is None else self.boxes.shape[1]
+
+    def choose(self, key: str, epoch: int, cache_row: int | None) -> tuple[int, View]:
+        if not self.augment:
+            return 0, CLEAN_VIEW
+        rng = _rng("view", self.seed, epoch, key)
+        if self.stored_views and cache_row is not None:
+            v = int(rng.integers(self.stored_views))
+            return 1 + v, view_from_arrays(self.boxes[cache_row, v], self.flips[cache_row, v])
+        return -1, sample_view(rng, scale=self.scale)

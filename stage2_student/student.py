@@ -1,0 +1,60 @@
+"""The student: an open_clip model plus the projections P_v, P_t into the teacher's embedding space."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from common.models import LoadedCLIP
+from stage2_student.features import forward_features
+from stage2_student.losses import Dims, StudentOutputs
+
+MAX_LOGIT_SCALE = 100.0
+# StudentOutputs fields that come from the model's own forward (the rest are projections of them)
+_FEATURE_OF = {"image_emb": "image_emb", "text_emb": "text_emb", "image_emb_proj": "image_emb",
+               "text_emb_proj": "text_emb", "masked_image_emb_proj": "masked_image_emb",
+               "image_tokens": "image_tokens", "hidden_states": "hidden_states", "attentions": "attentions"}
+
+
+def loss_dims(student: LoadedCLIP, teacher_config: dict | None) -> Dims:
+    """Sizes of student and teacher the losses build their learnable parts from."""
+    s, t = student.config, teacher_config or student.config
+    return Dims(
+        student_embed=s["embed_dim"], teacher_embed=t["embed_dim"],
+        student_vision_width=s["vision_cfg"]["width"], teacher_vision_width=t["vision_cfg"]["width"],
+        student_text_width=s["text_cfg"]["width"], teacher_text_width=t["text_cfg"]["width"],
+        student_vision_layers=s["vision_cfg"]["layers"], teacher_vision_layers=t["vision_cfg"]["layers"],
+        student_text_layers=s["text_cfg"]["layers"], teacher_text_layers=t["text_cfg"]["layers"],
+    )
+
+
+class Student(nn.Module):
+    """open_clip model + P_v, P_t (Linear D_s -> D_t with bias when dims differ, identity otherwise)."""
+
+    def __init__(self, clip: LoadedCLIP, teacher_embed: int | None):
+        super().__init__()
+        self.clip = clip.model
+        dim = clip.embed_dim
+        needs_proj = teacher_embed is not None and teacher_embed != dim
+        self.proj_image = nn.Linear(dim, teacher_embed) if needs_proj else nn.Identity()
+        self.proj_text = nn.Linear(dim, teacher_embed) if needs_proj else nn.Identity()
+
+    def clamp_logit_scale(self) -> None:
+        with torch.no_grad():
+            self.clip.logit_scale.clamp_(0, torch.log(torch.tensor(MAX_LOGIT_SCALE)))
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, needs: frozenset[str],
+                mask_ratio: float = 0.75) -> StudentOutputs:
+        wanted = frozenset(_FEATURE_OF[n] for n in needs if n in _FEATURE_OF) | {"image_emb", "text_emb"}
+        feats = forward_features(self.clip, images, tokens, wanted, mask_ratio)
+        masked = feats.get("masked_image_emb")
+        return StudentOutputs(
+            image_emb=feats["image_emb"],
+            text_emb=feats["text_emb"],
+            logit_scale=self.clip.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE),
+            image_emb_proj=self.proj_image(feats["image_emb"]),
+            text_emb_proj=self.proj_text(feats["text_emb"]),
+            masked_image_emb_proj=self.proj_image(masked) if masked is not None else None,
+            image_tokens=feats.get("image_tokens"),
+            hidden_states=feats.get("hidden_states"),
+            attentions=feats.get("attentions"),
+        )

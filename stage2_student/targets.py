@@ -1,0 +1,99 @@
+"""Teacher targets per batch: from the cache when it holds them for the view the student saw, otherwise from the
+live teacher (loaded once from the cache's provenance), batch by batch.
+
+Cached arrays are held in memory (fp16 as stored): N x (1+K) x D x 2 bytes for image embeddings, N x D x 2 for
+text, N x D x 4 per gradient array; `TargetProvider.memory_bytes` says how much. Rows are gathered with numpy
+fancy indexing on those in-memory arrays: the hot path never touches Zarr.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from common.cache import CacheError, CacheStore
+from common.models import LoadedCLIP
+from stage2_student.features import forward_features
+from stage2_student.losses import CACHEABLE_TARGETS, TeacherTargets
+
+MODES = ("auto", "cache", "live")
+_LIVE_FEATURE = {"image_emb": "image_emb", "text_emb": "text_emb", "image_tokens": "image_tokens",
+                 "hidden_states": "hidden_states", "attentions": "attentions"}
+
+
+def uncacheable(needs: frozenset[str]) -> frozenset[str]:
+    return needs - CACHEABLE_TARGETS
+
+
+class TargetProvider:
+    def __init__(self, mode: str, needs: frozenset[str], optional: frozenset[str], cache: CacheStore | None,
+                 teacher: LoadedCLIP | None, grad_batches: bool):
+        if mode not in MODES:
+            raise ValueError(f"--teacher-targets {mode!r}: choose one of {MODES}")
+        self.mode, self.needs, self.teacher = mode, needs, teacher
+        self.cache_hits = self.live_batches = 0
+        self.arrays: dict[str, np.ndarray] = {}
+        self.logit_scale = cache.teacher_logit_scale if cache is not None else (
+            teacher.logit_scale if teacher is not None else None)
+        if cache is not None and mode != "live":
+            wanted = (needs | (optional if grad_batches else frozenset())) & {
+                "image_emb", "text_emb", "image_grad", "text_grad"}
+            cache.require(sorted(wanted), why=f"the chosen losses ({', '.join(sorted(needs))})")
+            self.arrays = {name: cache.load(name) for name in wanted}
+            if "image_emb" in self.arrays and self.arrays["image_emb"].ndim == 2:
+                self.arrays["image_emb"] = self.arrays["image_emb"][:, None]  # one (clean) view
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+    def can_serve_from_cache(self, view: torch.Tensor) -> bool:
+        return self.mode != "live" and bool(self.arrays) and not uncacheable(self.needs) and bool((view >= 0).all())
+
+    def __call__(self, batch: dict, is_cached_grad_batch: bool) -> TeacherTargets:
+        if not self.needs:
+            return TeacherTargets()
+        if self.can_serve_from_cache(batch["view"]):
+            self.cache_hits += 1
+            return self._from_cache(batch, is_cached_grad_batch)
+        self.live_batches += 1
+        targets = self._from_teacher(batch)
+        if self.mode != "live" and self.arrays and bool((batch["view"] >= 0).all()):
+            # token maps / hidden states come live; pooled targets still from the cache
+            cached = self._from_cache(batch, is_cached_grad_batch)
+            targets.image_emb, targets.text_emb = cached.image_emb, cached.text_emb
+            targets.image_grad, targets.text_grad = cached.image_grad, cached.text_grad
+        return targets
+
+    def _from_cache(self, batch: dict, grads: bool) -> TeacherTargets:
+        rows = batch["cache_rows"].numpy()
+        get = lambda name: torch.from_numpy(self.arrays[name][rows].astype(np.float32)) \
+            if name in self.arrays else None  # noqa: E731
+        image = self.arrays.get("image_emb")
+        return TeacherTargets(
+            image_emb=torch.from_numpy(image[rows, batch["view"].numpy()].astype(np.float32)) if image is not None else None,
+            text_emb=get("text_emb"),
+            logit_scale=self.logit_scale,
+            image_grad=get("image_grad") if grads else None,
+            text_grad=get("text_grad") if grads else None,
+        )
+
+    def _from_teacher(self, batch: dict) -> TeacherTargets:
+        if self.teacher is None:
+            raise CacheError("a batch needs the live teacher but none is loaded")
+        if "teacher_images" not in batch:
+            raise CacheError("a batch needs the live teacher but was not rendered for it")
+        model = self.teacher.model
+        device = next(model.parameters()).device
+        wanted = frozenset(_LIVE_FEATURE[n] for n in self.needs if n in _LIVE_FEATURE)
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+        with torch.inference_mode(), amp:
+            feats = forward_features(model, batch["teacher_images"].to(device), batch["teacher_tokens"].to(device),
+                                     wanted | {"image_emb", "text_emb"})
+        norm = lambda x: torch.nn.functional.normalize(x.float(), dim=-1).cpu().clone()  # noqa: E731
+        clone = lambda x: None if x is None else [t.float().clone() for t in x]  # noqa: E731
+        return TeacherTargets(
+            image_emb=norm(feats["image_emb"]), text_emb=norm(feats["text_emb"]), logit_scale=self.logit_scale,
+            image_tokens=feats["image_tokens"].float().clone() if "image_tokens" in feats else None,
+            hidden_states={k: clone(v) for k, v in feats["hidden_states"].items()} if "hidden_states" in feats else None,
+            attentions={k: clone(v) for k, v in feats["attentions"].items()} if "attentions" in feats else None,
+        )

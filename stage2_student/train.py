@@ -1,0 +1,345 @@
+"""`kd-train`: train a student against cached teacher targets (live teacher as fallback), or plain CLIP.
+
+The loop knows nothing of loss names: the LossSet says what the student must output and which teacher targets
+it needs; the TargetProvider serves them; the loop gathers pooled features across ranks and steps AdamW.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from common import dist
+from common.cache import CacheError, CacheStore
+from common.corpus import Corpus
+from common.models import clip_from_provenance, create_clip
+from stage2_student.data import Renderer, TrainBatches, ViewPolicy, join_to_cache, shuffled_rows
+from stage2_student.losses import LossSet
+from stage2_student.student import Student, loss_dims
+from stage2_student.targets import TargetProvider, uncacheable
+
+log = logging.getLogger("kd-train")
+DEFAULT_LOSSES = "task,fd,icl,crd"  # CLIP-KD: task + FD (2000) + ICL (1) + CRD (1), the paper's weights
+# pooled StudentOutputs / TeacherTargets fields: computed per rank, gathered into the global batch
+_POOLED_STUDENT = ("image_emb", "text_emb", "image_emb_proj", "text_emb_proj", "masked_image_emb_proj")
+_POOLED_TEACHER = ("image_emb", "text_emb", "image_grad", "text_grad")
+
+
+@dataclass
+class TrainOptions:
+    data: str
+    out: str
+    student: str
+    cache: str | None = None
+    losses: str = DEFAULT_LOSSES
+    teacher_targets: str = "auto"
+    teacher: str | None = None  # only without a cache: live teacher for --teacher-targets live
+    teacher_pretrained: str | None = None
+    batch_size: int = 256  # global
+    epochs: int = 1
+    steps: int | None = None  # overrides epochs
+    lr: float = 1e-3
+    wd: float = 0.1
+    warmup: int = 10000
+    grad_clip: float | None = None
+    augment: bool = False
+    batching: str = "shuffle"  # or "cache": replay the build's gradient batches
+    precision: str = "auto"  # auto | fp32 | bf16
+    device: str = "cpu"
+    workers: int = 2
+    seed: int = 0
+    shuffle_buffer: int = 1000
+    log_every: int = 10
+    save_every: int = 500
+    resume: bool = False
+    init: str | None = None
+    mask_ratio: float = 0.75
+    extra: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.batching not in ("shuffle", "cache"):
+            raise ValueError(f"--batching {self.batching!r}: choose shuffle or cache")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"--precision {self.precision!r}: choose auto, fp32 or bf16")
+        if self.batch_size < 2:
+            raise ValueError("--batch-size must be >= 2: contrastive losses need negatives")
+
+
+def param_groups(modules: list[torch.nn.Module], wd: float) -> list[dict]:
+    """open_clip's rule: no weight decay on gains, biases, embeddings' scales (1-D params) and logit scales."""
+    decay, no_decay = [], []
+    for module in modules:
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or "logit_scale" in name or name.endswith(".bias") else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": wd}]
+
+
+def warmup_cosine(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def gather_fields(obj, names):
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None:
+            setattr(obj, name, dist.gather_cat(value))
+    return obj
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+            "numpy": np.random.get_state()[1].tolist()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    np_state = np.random.get_state()
+    np.random.set_state((np_state[0], np.array(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
+
+
+def atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    def __init__(self, opts: TrainOptions):
+        opts.check()
+        self.opts = opts
+        self.rank, self.world = dist.init_distributed(opts.device)
+        self.device = dist.local_device(opts.device)
+        self.out = Path(opts.out)
+        torch.manual_seed(opts.seed)
+
+        # everything that can be wrong is checked before any training work
+        self.corpus = Corpus.open(opts.data)
+        self.student_clip = create_clip(opts.student, opts.init, device=self.device)
+        self.cache = CacheStore(opts.cache) if opts.cache else None
+        teacher_config = self.cache.attrs["teacher"]["config"] if self.cache else None
+        self.loss_set = LossSet(opts.losses, loss_dims(self.student_clip, teacher_config))
+        needs, optional = self.loss_set.teacher_needs, self.loss_set.teacher_optional
+        if needs and self.cache is None and not (opts.teacher and opts.teacher_targets == "live"):
+            raise CacheError(f"--losses {opts.losses} needs teacher targets ({', '.join(sorted(needs))}): "
+                             f"give --cache STORE (or --teacher-targets live with --teacher)")
+        self.cache_rows = join_to_cache(self.corpus, self.cache) if self.cache else None
+        usable = np.ones(self.corpus.num_samples, bool)
+        if self.cache is not None:
+            usable = self.cache.load("valid")[self.cache_rows]
+        self.skipped_invalid = int((~usable).sum())
+        self.usable = usable
+        boxes = flips = None
+        if self.cache is not None and self.cache.views and opts.augment:
+            boxes, flips = self.cache.load("view_boxes"), self.cache.load("view_flips")
+        self.views = ViewPolicy(opts.augment, opts.seed, boxes, flips)
+        live_needed = needs and (opts.teacher_targets == "live" or bool(uncacheable(needs))
+                                 or (opts.augment and not self.views.stored_views))
+        if opts.teacher_targets == "cache" and live_needed:
+            why = (f"losses need {sorted(uncacheable(needs))}, which a cache does not hold" if uncacheable(needs)
+                   else "--augment needs stored views, and the cache stores none (build it with --views K)")
+            raise CacheError(f"--teacher-targets cache: {why}; use --teacher-targets auto to run the teacher live")
+        self.teacher = None
+        if live_needed:
+            self.teacher = (clip_from_provenance(self.cache.attrs["teacher"], opts.teacher_pretrained, self.device)
+                            if self.cache else create_clip(opts.teacher, opts.teacher_pretrained, self.device))
+            self.teacher.model.eval()
+        self.targets = TargetProvider(opts.teacher_targets, needs, optional, self.cache, self.teacher,
+                                      grad_batches=opts.batching == "cache")
+        self.student = Student(self.student_clip, teacher_config["embed_dim"] if teacher_config else
+                               (self.teacher.embed_dim if self.teacher else None)).to(self.device)
+        self.loss_set.to(self.device)
+        self.student_needs = self.loss_set.student_needs
+        self.mask_ratio = max((getattr(m, "mask_ratio", 0) for m in self.loss_set.losses.values()),
+                              default=opts.mask_ratio) or opts.mask_ratio
+        self.steps_per_epoch = len(self.epoch_batches(0))
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"--batch-size {opts.batch_size} is larger than the {int(usable.sum())} usable samples")
+        self.total_steps = opts.steps or opts.epochs * self.steps_per_epoch
+        self.optimizer = torch.optim.AdamW(param_groups([self.student, self.loss_set], opts.wd), lr=opts.lr,
+                                           betas=(0.9, 0.98), eps=1e-6)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           warmup_cosine(opts.warmup, self.total_steps))
+        self.autocast_dtype = torch.bfloat16 if (opts.precision == "bf16" or (
+            opts.precision == "auto" and self.device.startswith("cuda") and torch.cuda.is_bf16_supported())) else None
+        self.step = 0
+
+    # ---------------------------------------------------------------- data
+    def epoch_batches(self, epoch: int) -> np.ndarray:
+        """Global batches of corpus rows for an epoch (drop_last)."""
+        bs = self.opts.batch_size
+        if self.opts.batching == "cache":
+            if self.cache is None:
+                raise ValueError("--batching cache replays a cache's gradient batches: give --cache")
+            grad_batches = self.cache.load("grad_batches")
+            if grad_batches.shape[1] != bs:
+                raise ValueError(f"--batching cache: --batch-size must equal the cache's --grad-batch "
+                                 f"({grad_batches.shape[1]}), got {bs}")
+            corpus_row = {int(c): r for r, c in enumerate(self.cache_rows)}
+            full = [b for b in grad_batches if (b >= 0).all() and all(int(c) in corpus_row for c in b)]
+            order = np.random.default_rng([self.opts.seed, epoch]).permutation(len(full))
+            return np.array([[corpus_row[int(c)] for c in full[i]] for i in order], dtype=np.int64).reshape(-1, bs)
+        rows = shuffled_rows(self.corpus, self.usable, self.opts.seed, epoch, self.opts.shuffle_buffer)
+        n = len(rows) // bs
+        return rows[:n * bs].reshape(n, bs)
+
+    def loader(self, epoch: int, start_step: int) -> DataLoader:
+        teacher_renderer = Renderer.of(self.teacher) if self.teacher is not None else None
+        dataset = TrainBatches(self.corpus, self.epoch_batches(epoch), self.cache_rows, self.rank, self.world,
+                               Renderer.of(self.student_clip), teacher_renderer, self.views, epoch)
+        # its own generator: creating the iterator must not draw from the global RNG (resume reproducibility)
+        return DataLoader(dataset, batch_size=None, sampler=range(start_step, len(dataset)),
+                          num_workers=self.opts.workers, pin_memory=self.device.startswith("cuda"),
+                          generator=torch.Generator().manual_seed(self.opts.seed + epoch))
+
+    # ---------------------------------------------------------------- one step
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        device = self.device
+        amp = torch.autocast(device.split(":")[0], dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+        with amp:
+            student = self.student(batch["student_images"].to(device), batch["student_tokens"].to(device),
+                                   self.student_needs, self.mask_ratio)
+        teacher = self.targets(batch, is_cached_grad_batch=self.opts.batching == "cache")
+        for name in ("image_emb", "text_emb", "image_grad", "text_grad", "image_tokens"):
+            value = getattr(teacher, name)
+            if value is not None:
+                setattr(teacher, name, value.to(device))
+        for name in ("hidden_states", "attentions"):
+            value = getattr(teacher, name)
+            if value is not None:
+                setattr(teacher, name, {k: [t.to(device) for t in v] for k, v in value.items()})
+        student = gather_fields(student, _POOLED_STUDENT)
+        teacher = gather_fields(teacher, _POOLED_TEACHER)
+        return self.loss_set(student, teacher)
+
+    def train_step(self, batch: dict) -> dict:
+        self.student.train()
+        loss, terms = self.compute_loss(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.average_gradients()
+        grad_norm = None
+        if self.opts.grad_clip:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters(), self.opts.grad_clip))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.student.clamp_logit_scale()
+        return {"loss": float(loss.detach()), **terms, **({"grad_norm": grad_norm} if grad_norm else {})}
+
+    def parameters(self):
+        return [p for m in (self.student, self.loss_set) for p in m.parameters() if p.requires_grad]
+
+    def average_gradients(self) -> None:
+        """Each rank's loss is the global-batch loss; all_gather's backward already summed every rank's
+        contribution into the local features, so averaging over ranks gives the global gradient."""
+        if not dist.is_distributed():
+            return
+        for p in self.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= self.world
+
+    # ---------------------------------------------------------------- checkpoints
+    def save(self, epoch: int, step_in_epoch: int) -> None:
+        if self.rank != 0:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_save({"state_dict": self.student.clip.state_dict()}, self.out / "student.pt")
+        atomic_save({
+            "step": self.step, "epoch": epoch, "step_in_epoch": step_in_epoch,
+            "student": self.student.state_dict(), "losses": self.loss_set.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(), "options": json.dumps(self.resume_options()),
+        }, self.out / "resume.pt")
+
+    def resume_options(self) -> dict:
+        """Options that must not change across --resume (they shape the run's numbers)."""
+        keep = ("data", "student", "cache", "losses", "teacher_targets", "batch_size", "epochs", "steps", "lr",
+                "wd", "warmup", "augment", "batching", "seed", "shuffle_buffer", "init", "mask_ratio")
+        return {k: getattr(self.opts, k) for k in keep} | {"world": self.world}
+
+    def load_resume(self) -> tuple[int, int]:
+        path = self.out / "resume.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume: no {path}; start without --resume")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        stored = json.loads(state["options"])
+        if stored != self.resume_options():
+            diff = {k: (stored.get(k), v) for k, v in self.resume_options().items() if stored.get(k) != v}
+            raise ValueError(f"--resume: {path} was written with other options {diff}; use the original ones")
+        self.student.load_state_dict(state["student"])
+        self.loss_set.load_state_dict(state["losses"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.step = state["step"]
+        return state["epoch"], state["step_in_epoch"]
+
+    # ---------------------------------------------------------------- loop
+    def run(self) -> dict:
+        epoch, start = self.load_resume() if self.opts.resume else (0, 0)
+        metrics_path = self.out / "metrics.jsonl"
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            kept = [line for line in (metrics_path.read_text().splitlines() if self.opts.resume and
+                                      metrics_path.exists() else []) if json.loads(line)["step"] <= self.step]
+            metrics_path.write_text("".join(line + "\n" for line in kept))  # drop steps redone after a crash
+            (self.out / "options.json").write_text(json.dumps(asdict(self.opts), indent=2))
+        log.info("%d steps of %d (global batch %d), %d invalid cache rows skipped, cache targets in memory: %.1f MB",
+                 self.total_steps, self.opts.batch_size, self.opts.batch_size, self.skipped_invalid,
+                 self.targets.memory_bytes / 2**20)
+        last: dict = {}
+        window_start, window_samples = time.perf_counter(), 0
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=self.rank != 0, dynamic_ncols=True)
+        while self.step < self.total_steps:
+            for batch in self.loader(epoch, start):
+                terms = self.train_step(batch)
+                self.step += 1
+                start += 1
+                window_samples += self.opts.batch_size
+                bar.update(1)
+                if self.step % self.opts.log_every == 0 or self.step == self.total_steps or self.step == 1:
+                    elapsed = time.perf_counter() - window_start
+                    hits, live = self.targets.cache_hits, self.targets.live_batches
+                    last = {"step": self.step, "epoch": epoch, "lr": self.scheduler.get_last_lr()[0], **terms,
+                            "samples_per_s": window_samples / elapsed if elapsed else None,
+                            "cache_hits": hits, "live_batches": live,
+                            "cache_hit_rate": hits / (hits + live) if hits + live else None}
+                    window_start, window_samples = time.perf_counter(), 0
+                    bar.set_postfix(loss=f"{terms['loss']:.4f}")
+                    if self.rank == 0:
+                        with metrics_path.open("a") as f:
+                            f.write(json.dumps(last) + "\n")
+                if self.step % self.opts.save_every == 0:
+                    self.save(epoch, start)
+                if self.step >= self.total_steps:
+                    break
+            else:
+                epoch, start = epoch + 1, 0
+        bar.close()
+        self.save(epoch, start)
+        dist.barrier()
+        return last
+
+
+def train(opts: TrainOptions) -> dict:
+    return Trainer(opts).run()
+

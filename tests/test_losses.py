@@ -17,6 +17,7 @@ from stage2_student.losses.cka import linear_cka
 from stage2_student.losses.clip_kd import anchored_grads
 from stage2_student.losses.dlip import _align_attention, attention_kl, map_layers
 from stage2_student.losses._ops import resample_tokens
+from stage2_student.features import forward_features
 
 B, DS, DT = 8, 32, 48  # batch, student / teacher embedding widths
 WS, WT = 16, 24  # token widths
@@ -335,21 +336,12 @@ def test_attention_kl_zero_for_identical_maps_and_resampling_keeps_distributions
 
 # ---------------------------------------------------------------- real inputs from tiny open_clip models
 def _forward_with_internals(model, image, text) -> dict:
-    """encode_image/encode_text, capturing block outputs, attention maps and the final-norm vision tokens."""
-    store = {"image": [], "text": [], "attn_image": [], "attn_text": []}
-    handles = [model.visual.ln_post.register_forward_hook(lambda m, i, o: store.__setitem__("tokens", o))]
-    for tower, blocks in (("image", model.visual.transformer.resblocks), ("text", model.transformer.resblocks)):
-        for block in blocks:
-            handles += [
-                block.register_forward_hook(lambda m, i, o, t=tower: store[t].append(o)),
-                block.attn.register_forward_pre_hook(
-                    lambda m, a, k: (a, {**k, "need_weights": True, "average_attn_weights": False}), with_kwargs=True),
-                block.attn.register_forward_hook(lambda m, i, o, t=tower: store["attn_" + t].append(o[1])),
-            ]
-    store["image_emb"], store["text_emb"] = model.encode_image(image), model.encode_text(text)
-    for h in handles:
-        h.remove()
-    return store
+    """The training loop's own capture (stage2_student.features), reshaped for this test."""
+    f = forward_features(model, image, text, frozenset({"image_emb", "text_emb", "image_tokens", "hidden_states",
+                                                        "attentions"}))
+    return {"image_emb": f["image_emb"], "text_emb": f["text_emb"], "tokens": f["image_tokens"],
+            "image": f["hidden_states"]["image"], "text": f["hidden_states"]["text"],
+            "attn_image": f["attentions"]["image"], "attn_text": f["attentions"]["text"]}
 
 
 def test_all_losses_on_tiny_open_clip_models():

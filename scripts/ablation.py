@@ -1,0 +1,115 @@
+"""The CLIP-KD ablation, reproduced small, on the demo's corpus, teacher and cache (run scripts/demo.py first).
+
+    python scripts/ablation.py [--demo-out demo_out] [--out ablation_out] [--seeds 0 1 2] [--epochs 6]
+
+Every row is task + the listed KD losses (each at its default weight), trained on the students' split for each
+seed, then evaluated on val (retrieval) and zeroshot (acc1). Writes `<out>/ablation.md` (mean ± std over seeds,
+wall time per run, and the command of each row) and `<out>/ablation.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from demo import STUDENT, TEACHER, sizes  # noqa: E402
+from pipeline import cli, run_step  # noqa: E402
+
+# (row name, --losses, --teacher-targets)
+ROWS = [
+    ("baseline", "task", "auto"),
+    *[(f"+{loss}", f"task,{loss}", "auto") for loss in ("crd", "fd", "mfd", "gd", "icl", "afd", "tokenfd", "cka", "dlip")],
+    ("+fd+icl", "task,fd,icl", "auto"),
+    ("+fd+icl+crd (CLIP-KD)", "task,fd,icl,crd", "auto"),
+    ("+fd+icl+crd+gd", "task,fd,icl,crd,gd", "auto"),
+    ("+fd+icl+crd+afd", "task,fd,icl,crd,afd", "auto"),
+    ("+fd+icl+crd, live teacher", "task,fd,icl,crd", "live"),
+]
+METRICS = ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10", "acc1")
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
+
+
+def evaluate(run: Path, corpus: Path, device: str) -> dict:
+    """Retrieval on val and zero-shot on the zeroshot split, as kd-eval JSON files beside the run."""
+    ckpt = run / "student.pt"
+    run_step(f"eval {run.name} retrieval", cli("kd-eval") + [
+        "retrieval", "--model", STUDENT, "--checkpoint", ckpt, "--data", corpus / "val", "--device", device,
+        "--output", run / "retrieval.json"], run / "retrieval.json", inputs=(run,))
+    run_step(f"eval {run.name} zeroshot", cli("kd-eval") + [
+        "zeroshot", "--model", STUDENT, "--checkpoint", ckpt, "--data", corpus / "zeroshot", "--device", device,
+        "--classnames", corpus / "zeroshot" / "classnames.txt", "--output", run / "zeroshot.json"],
+        run / "zeroshot.json", inputs=(run,))
+    metrics = {}
+    for name in ("retrieval.json", "zeroshot.json"):
+        metrics.update(json.loads((run / name).read_text())["metrics"])
+    return metrics
+
+
+def summarise(values: list[float]) -> str:
+    mean = statistics.mean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--demo-out", type=Path, default=Path("demo_out"))
+    parser.add_argument("--out", type=Path, default=Path("ablation_out"))
+    parser.add_argument("--scale", type=float, default=1.0, help="the --scale the demo ran with")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=None, help="student epochs (default: the demo's)")
+    parser.add_argument("--rows", nargs="*", default=None, help="only these row names")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    s = sizes(args.scale)
+    corpus, cache = args.demo_out / "corpus", args.demo_out / "teacher_cache.zarr"
+    if not (cache / "zarr.json").exists():
+        raise SystemExit(f"no teacher cache at {cache}: run `python scripts/demo.py --out {args.demo_out}` first")
+    student_data = str(corpus / "train" / f"{{00000..{s['student_shards'] - 1:05d}}}.tar")
+    epochs = args.epochs or s["student_epochs"]
+    results = []
+    for name, losses, targets in ROWS:
+        if args.rows and name not in args.rows:
+            continue
+        per_seed, first_command = [], None
+        for seed in args.seeds:
+            run = args.out / f"{slug(name)}_seed{seed}"
+            command = cli("kd-train") + [
+                "--data", student_data, "--student", STUDENT, "--losses", losses, "--out", run,
+                "--epochs", epochs, "--batch-size", 128, "--lr", "1e-3", "--warmup", 100, "--seed", seed,
+                "--workers", 1, "--log-every", 20, "--device", args.device, "--teacher-targets", targets,
+                *(["--cache", cache] if losses != "task" else [])]
+            first_command = first_command or command
+            run_step(f"{name} seed {seed}", command, run, inputs=(cache,))
+            record = json.loads((run.parent / (run.name + ".step.json")).read_text())
+            per_seed.append({"seed": seed, "seconds": record["seconds"], **evaluate(run, corpus, args.device)})
+        results.append({"row": name, "losses": losses, "teacher_targets": targets, "runs": per_seed,
+                        "command": shlex.join(str(c) for c in first_command).replace(sys.executable, "python")})
+    write_report(args.out, results, len(args.seeds), epochs)
+
+
+def write_report(out: Path, results: list[dict], n_seeds: int, epochs: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ablation.json").write_text(json.dumps(results, indent=2))
+    head = ["row", *METRICS, "s / run"]
+    lines = [f"Student {STUDENT}, teacher {TEACHER}; {epochs} epochs; mean ± std over {n_seeds} seeds (percent).",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        cells = [summarise([run[m] for run in r["runs"]]) for m in METRICS]
+        secs = statistics.mean(run["seconds"] for run in r["runs"])
+        lines.append(f"| {r['row']} | " + " | ".join(cells) + f" | {secs:.0f} |")
+    lines += ["", "Commands (first seed; the others change `--seed` and `--out`):", ""]
+    lines += [f"- {r['row']}: `{r['command']}`" for r in results]
+    (out / "ablation.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

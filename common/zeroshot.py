@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from common.retrieval import as_unit_float32
 
 LOGIT_SCALE = 100.0  # CLIP's fixed zero-shot temperature; it does not change any metric
+DEFAULT_TEMPLATE = "a photo of a {}."  # CLIP's single-prompt baseline, used when a task ships no templates
 
 
 # ---------------------------------------------------------------- classnames / templates
@@ -62,6 +63,16 @@ def read_templates(path: str | Path) -> list[str]:
     return templates
 
 
+def templates_for(classnames_path: str | Path, templates_path: str | Path | None = None) -> list[str]:
+    """The prompt templates of a zero-shot task: `templates_path` when given, else a ``templates.txt`` beside
+    the class names file (the layout `kd-data synth` and CLIP_benchmark-style folders use), else
+    [DEFAULT_TEMPLATE]."""
+    if templates_path is None:
+        beside = Path(classnames_path).with_name("templates.txt")
+        templates_path = beside if beside.is_file() else None
+    return read_templates(templates_path) if templates_path is not None else [DEFAULT_TEMPLATE]
+
+
 # ---------------------------------------------------------------- classifier and metrics
 
 
@@ -74,7 +85,8 @@ def build_classifier(encode_text: Callable[[list[str]], torch.Tensor], classname
     prompts of all classes are encoded together, `batch_size` at a time.
     """
     if not classnames or not templates:
-        raise ValueError(f"need at least one class name and one template, got {len(classnames)} and {len(templates)}")
+        raise ValueError(f"need at least one class name and one template, "
+                         f"got {len(classnames)} and {len(templates)}")
     for template in templates:
         check_template(template)
     prompts = [template.format(name) for name in classnames for template in templates]
@@ -97,8 +109,9 @@ def _check_labels(labels, n: int, n_classes: int) -> torch.Tensor:
         raise ValueError(f"labels must have shape ({n},) (one per image), got {tuple(labels.shape)}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
-    if (labels.min() < 0 or labels.max() >= n_classes):
-        raise ValueError(f"labels must lie in [0, {n_classes}), got range [{int(labels.min())}, {int(labels.max())}]")
+    if labels.min() < 0 or labels.max() >= n_classes:
+        raise ValueError(f"labels must lie in [0, {n_classes}), "
+                         f"got range [{int(labels.min())}, {int(labels.max())}]")
     return labels.long()
 
 

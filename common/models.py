@@ -75,7 +75,7 @@ def load_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
         raise ModelError(f"checkpoint {path} does not exist")
     try:
         open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
-    except RuntimeError as e:
+    except (RuntimeError, AssertionError) as e:  # open_clip asserts on some shape mismatches
         raise ModelError(
             f"checkpoint {path} does not fit this model ({type(model).__name__}): {str(e).splitlines()[0]} — "
             f"check --model/--teacher/--student names the architecture the checkpoint was trained as") from e

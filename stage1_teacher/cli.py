@@ -6,22 +6,11 @@ import logging
 
 import click
 
-from common.cache import CHUNK_ROWS, DTYPES, CacheError
-from common.corpus import ON_ERROR_CHOICES, CorpusError
-from common.models import ModelError
+from common.cache import CHUNK_ROWS, DTYPES
+from common.corpus import ON_ERROR_CHOICES
+from common.errors import run_reporting_errors
 from stage1_teacher.build import BuildOptions, build_cache
 from stage1_teacher.inspect import store_summary, verify_store
-
-USER_ERRORS = (CacheError, CorpusError, ModelError, ValueError)
-
-
-def run_reporting_errors(fn, *args, **kwargs):
-    """User errors become a one-line click error (exit 1), not a traceback."""
-    try:
-        return fn(*args, **kwargs)
-    except USER_ERRORS as e:
-        raise click.ClickException(str(e)) from e
-
 
 @click.group()
 @click.option("-v", "--verbose", is_flag=True)

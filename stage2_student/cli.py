@@ -6,10 +6,7 @@ import logging
 
 import click
 
-from common.cache import CacheError
-from common.corpus import CorpusError
-from common.models import ModelError
-from stage2_student.losses import LossSpecError
+from common.errors import run_reporting_errors
 from stage2_student.targets import MODES
 from stage2_student.train import DEFAULT_LOSSES, TrainOptions, train
 
@@ -48,10 +45,7 @@ from stage2_student.train import DEFAULT_LOSSES, TrainOptions, train
 def main(verbose: bool, **kwargs):
     """Train a CLIP student against a teacher cache (live teacher as fallback)."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(name)s: %(message)s")
-    try:
-        last = train(TrainOptions(**kwargs))
-    except (CacheError, CorpusError, ModelError, LossSpecError, ValueError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from e
+    last = run_reporting_errors(train, TrainOptions(**kwargs))
     click.echo(json.dumps(last))
 
 

@@ -1,0 +1,172 @@
+"""`kd-eval`: retrieval and zero-shot evaluation of CLIP models (or of a teacher cache), and side-by-side
+comparisons. Results are written in CLIP_benchmark's JSON shape; tables go to stdout."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import click
+
+from common.cache import CacheStore
+from common.corpus import ON_ERROR_CHOICES, Corpus
+from common.errors import run_reporting_errors
+from common.models import create_clip
+from common.retrieval import retrieval_metrics
+from common.zeroshot import format_table, read_classnames, result_json, templates_for, zeroshot_metrics
+from evaluation.compare import (RANDOM_INIT, RETRIEVAL_TASK, ZEROSHOT_TASK, Entry, ZeroshotTask, compare,
+                                markdown_table, write_figure)
+from evaluation.encode import cache_split, encode_classifier, encode_split
+
+EXISTING_FILE = click.Path(exists=True, dir_okay=False)
+
+
+def parse_ks(ctx, param, value: str) -> tuple[int, ...]:
+    """click callback: '1,5,10' -> (1, 5, 10)."""
+    try:
+        ks = tuple(int(k) for k in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated integers such as 1,5,10") from None
+    if min(ks) < 1:
+        raise click.BadParameter(f"{value!r}: every k must be >= 1")
+    return ks
+
+
+def write_json(result: dict, output: str | None) -> None:
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(result, indent=2) + "\n")
+        click.echo(f"wrote {output}")
+
+
+def model_options(fn):
+    """The options every single-model command shares."""
+    for option in reversed([
+        click.option("--model", default=None, help="open_clip model name or model config JSON"),
+        click.option("--checkpoint", type=EXISTING_FILE, default=None,
+                     help="local weights (state_dict or {'state_dict': ...}, e.g. a kd-train student.pt); "
+                          "without it the model is randomly initialised"),
+        click.option("--data", required=True, help="shards: brace pattern, directory, or '::'-separated list"),
+        click.option("--batch-size", default=256, show_default=True),
+        click.option("--device", default="cpu", show_default=True, help="cpu or cuda"),
+        click.option("--workers", default=2, show_default=True, help="DataLoader decoding workers"),
+        click.option("--on-error", type=click.Choice(ON_ERROR_CHOICES), default="raise", show_default=True,
+                     help="skip: drop undecodable samples (counted) instead of stopping"),
+        click.option("--output", type=click.Path(dir_okay=False), default=None, help="result JSON to write"),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True)
+def main(verbose: bool):
+    """Evaluate CLIP models and teacher caches: retrieval recall@k, zero-shot accuracy, comparisons."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(name)s: %(message)s")
+
+
+def evaluate_retrieval(model, checkpoint, cache, data, k, index, batch_size, device, workers, on_error,
+                       first_caption) -> dict:
+    """Retrieval result JSON of a model (every caption, or the first) or of a cache's stored embeddings."""
+    corpus = Corpus.open(data, on_error=on_error)
+    if cache:
+        store = CacheStore(cache)
+        split = cache_split(store, corpus)
+        model, pretrained = model or store.attrs["teacher"]["model"], store.attrs["teacher"]["pretrained"]
+    else:
+        clip = create_clip(model, checkpoint, device=device)
+        split = encode_split(clip, corpus, batch_size, workers, "first" if first_caption else "all", on_error)
+        pretrained = checkpoint
+    click.echo(f"{data}: {split.summary()}")
+    metrics = retrieval_metrics(split.image_emb, split.text_emb, split.text_to_image, k, index)
+    return result_json(data, model, pretrained or RANDOM_INIT, RETRIEVAL_TASK, metrics)
+
+
+@main.command()
+@model_options
+@click.option("--cache", type=click.Path(exists=True, file_okay=False), default=None,
+              help="evaluate a teacher cache's stored embeddings instead of running a model")
+@click.option("--k", "k", default="1,5,10", show_default=True, callback=parse_ks, help="recall cut-offs")
+@click.option("--index", type=click.Choice(["flat", "ivf", "hnsw"]), default="flat", show_default=True,
+              help="FAISS index: flat = exact; ivf / hnsw also report their recall vs exact search")
+@click.option("--first-caption", is_flag=True,
+              help="use only each sample's first caption (what caches store; implied by --cache)")
+def retrieval(output, **kwargs):
+    """Image->text and text->image recall@k on a split, every caption of a sample counting as a positive."""
+    if kwargs["cache"] and kwargs["checkpoint"]:
+        raise click.UsageError("--checkpoint and --cache exclude each other: a cache holds its teacher's embeddings")
+    if not kwargs["cache"] and not kwargs["model"]:
+        raise click.UsageError("give --model (with --checkpoint), or --cache")
+    result = run_reporting_errors(evaluate_retrieval, **kwargs)
+    click.echo(format_table(result["metrics"]))
+    write_json(result, output)
+
+
+def evaluate_zeroshot(model, checkpoint, data, classnames, templates, batch_size, device, workers,
+                      on_error) -> dict:
+    """Zero-shot classification result JSON: images against per-class mean prompt embeddings."""
+    names, prompts = read_classnames(classnames), templates_for(classnames, templates)
+    clip = create_clip(model, checkpoint, device=device)
+    split = encode_split(clip, Corpus.open(data, on_error=on_error), batch_size, workers, "none", on_error)
+    click.echo(f"{data}: {split.summary()}, {len(names)} classes, {len(prompts)} templates")
+    metrics = zeroshot_metrics(split.image_emb, split.require_labels(),
+                               encode_classifier(clip, names, prompts, batch_size))
+    return result_json(data, model, checkpoint or RANDOM_INIT, ZEROSHOT_TASK, metrics)
+
+
+@main.command()
+@model_options
+@click.option("--classnames", type=EXISTING_FILE, required=True, help="class names, line i = class i")
+@click.option("--templates", type=EXISTING_FILE, default=None,
+              help="prompt templates with {} (default: templates.txt beside --classnames, else 'a photo of a {}.')")
+def zeroshot(output, **kwargs):
+    """Zero-shot classification (acc1, acc5, mean per-class recall); labels from each sample's json `label`."""
+    if not kwargs["model"]:
+        raise click.UsageError("give --model")
+    result = run_reporting_errors(evaluate_zeroshot, **kwargs)
+    click.echo(format_table(result["metrics"]))
+    write_json(result, output)
+
+
+def run_comparison(entry, data, teacher_entry, zeroshot_data, classnames, templates, k, batch_size, device,
+                   workers):
+    """Parse the entries and the zero-shot task, then compare."""
+    task = ZeroshotTask(zeroshot_data, read_classnames(classnames), templates_for(classnames, templates)) \
+        if zeroshot_data else None
+    return compare([Entry.parse(e) for e in entry], data, teacher_entry, task, k, batch_size, device, workers)
+
+
+@main.command(name="compare")
+@click.option("--entry", multiple=True, required=True,
+              help="NAME=MODEL[:CHECKPOINT], repeatable, e.g. --entry baseline=kd-demo-student:runs/b/student.pt")
+@click.option("--data", required=True, help="retrieval split (shards)")
+@click.option("--teacher-entry", default=None, help="entry the others are aligned to (default: the first)")
+@click.option("--zeroshot-data", default=None, help="zero-shot split (needs --classnames)")
+@click.option("--classnames", type=EXISTING_FILE, default=None)
+@click.option("--templates", type=EXISTING_FILE, default=None,
+              help="default: templates.txt beside --classnames, else 'a photo of a {}.'")
+@click.option("--k", "k", default="1,5,10", show_default=True, callback=parse_ks)
+@click.option("--batch-size", default=256, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--workers", default=2, show_default=True)
+@click.option("--markdown", type=click.Path(dir_okay=False), default=None, help="write the table as markdown")
+@click.option("--figure", type=click.Path(dir_okay=False), default=None, help="write a PNG figure")
+@click.option("--output", type=click.Path(dir_okay=False), default=None, help="write all results as JSON")
+def compare_command(markdown, figure, output, **kwargs):
+    """Several models on one split: retrieval (and zero-shot) metrics and alignment with the teacher entry."""
+    if bool(kwargs["zeroshot_data"]) != bool(kwargs["classnames"]):
+        raise click.UsageError("--zeroshot-data and --classnames go together")
+    comparison = run_reporting_errors(run_comparison, **kwargs)
+    table = markdown_table(comparison)
+    click.echo(table)
+    if markdown:
+        Path(markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(markdown).write_text(table)
+        click.echo(f"wrote {markdown}")
+    if figure:
+        click.echo(f"wrote {write_figure(comparison, figure)}")
+    write_json(comparison.to_json(), output)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Embeddings of an evaluation split, from a model (`encode_split`) or from a teacher cache (`cache_split`).
+
+Every `kd-eval` command goes through here, so that retrieval, zero-shot and comparisons see the same images,
+captions and labels in the same order: corpus row order, and for each image its captions in `.txt` line order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from common.cache import CacheStore
+from common.corpus import Corpus, Sample
+from common.models import LoadedCLIP
+from common.zeroshot import build_classifier
+from stage2_student.data import join_to_cache
+
+Captions = Literal["all", "first", "none"]
+NO_LABEL = -1
+
+
+@dataclass
+class EncodedSplit:
+    """A split's embeddings: images (N, D), captions (M, D) with the image of each caption, and per image its
+    key and class label (NO_LABEL where its .json has none; labels None when the source cannot know them)."""
+    image_emb: np.ndarray
+    text_emb: np.ndarray
+    text_to_image: np.ndarray
+    keys: np.ndarray
+    labels: np.ndarray | None
+    dropped: int = 0  # invalid samples / cache rows left out
+
+    def summary(self) -> str:
+        captions = f"{len(self.text_emb)} captions, " if len(self.text_emb) else ""
+        return f"{len(self.image_emb)} images, {captions}{self.dropped} invalid samples dropped"
+
+    def paired_similarity(self) -> np.ndarray:
+        """Cosine of every caption with its own image (M,): how well the model matches true pairs."""
+        return np.einsum("ij,ij->i", self.image_emb[self.text_to_image], self.text_emb)
+
+    def require_labels(self) -> np.ndarray:
+        """The class labels, or a ValueError naming the first sample without an integer json `label`."""
+        missing = np.ones(len(self.keys), bool) if self.labels is None else self.labels == NO_LABEL
+        if missing.any():
+            raise ValueError(f"sample {self.keys[np.argmax(missing)]} has no integer 'label' in its .json "
+                             f"({int(missing.sum())} of {len(self.keys)} samples lack one): zero-shot "
+                             f"classification needs the class index of every image")
+        return self.labels
+
+
+def _label(meta: dict) -> int:
+    """A sample's integer class from its .json `label`, or NO_LABEL."""
+    label = meta.get("label")
+    return label if isinstance(label, int) and not isinstance(label, bool) else NO_LABEL
+
+
+def selected_captions(sample: Sample, captions: Captions) -> list[str]:
+    """The captions of a sample that get encoded: all its .txt lines, the first, or none."""
+    return {"all": sample.captions, "first": sample.captions[:1], "none": []}[captions]
+
+
+class SplitBatches(Dataset):
+    """Item i: rows [i·batch_size, (i+1)·batch_size) decoded, preprocessed and tokenised (in DataLoader workers)."""
+
+    def __init__(self, corpus: Corpus, batch_size: int, clip: LoadedCLIP, captions: Captions, on_error: str):
+        self.corpus, self.batch_size, self.captions, self.on_error = corpus, batch_size, captions, on_error
+        self.preprocess, self.tokenizer = clip.preprocess, clip.tokenizer
+
+    def __len__(self) -> int:
+        return -(-self.corpus.num_samples // self.batch_size)
+
+    def __getitem__(self, i: int) -> dict:
+        start = i * self.batch_size
+        samples = list(self.corpus.read(start, min(start + self.batch_size, self.corpus.num_samples), self.on_error))
+        ok = [s for s in samples if s.error is None]
+        texts = [selected_captions(s, self.captions) for s in ok]
+        captions = [c for sample_texts in texts for c in sample_texts]
+        return {
+            "images": torch.stack([self.preprocess(s.image) for s in ok]) if ok else None,
+            "tokens": self.tokenizer(captions) if captions else None,
+            "captions_per_image": torch.tensor([len(t) for t in texts], dtype=torch.long),
+            "keys": [s.key for s in ok],
+            "labels": [_label(s.meta) for s in ok],
+            "dropped": len(samples) - len(ok),
+        }
+
+
+def encode_split(clip: LoadedCLIP, corpus: Corpus, batch_size: int = 256, workers: int = 0,
+                 captions: Captions = "all", on_error: str = "raise") -> EncodedSplit:
+    """Run `clip` over every sample of `corpus`: its image and its captions ('all' lines of the .txt, the 'first'
+    one that caches store, or 'none' for classification); undecodable samples are dropped with on_error='skip'."""
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    clip.model.eval()
+    device = next(clip.model.parameters()).device
+    loader = DataLoader(SplitBatches(corpus, batch_size, clip, captions, on_error), batch_size=None,
+                        num_workers=workers, pin_memory=device.type == "cuda")
+    images, texts, text_to_image, keys, labels, dropped = [], [], [], [], [], 0
+    with tqdm(total=corpus.num_samples, unit="sample", desc=f"encoding {corpus.spec}", dynamic_ncols=True) as bar:
+        for batch in loader:
+            dropped += batch["dropped"]
+            bar.update(len(batch["keys"]) + batch["dropped"])
+            if not batch["keys"]:
+                continue
+            text_to_image.append(len(keys) + torch.arange(len(batch["keys"])).repeat_interleave(
+                batch["captions_per_image"]))
+            keys += batch["keys"]
+            labels += batch["labels"]
+            images.append(clip.embed_images(batch["images"]))
+            if batch["tokens"] is not None:  # several captions per image: keep text batches at batch_size
+                texts += [clip.embed_texts(chunk) for chunk in batch["tokens"].split(batch_size)]
+    if not keys:
+        raise ValueError(f"data {corpus.spec!r}: no valid sample among {corpus.num_samples} ({dropped} invalid)")
+    return EncodedSplit(
+        image_emb=torch.cat(images).numpy(),
+        text_emb=torch.cat(texts).numpy() if texts else np.zeros((0, clip.embed_dim), np.float32),
+        text_to_image=torch.cat(text_to_image).numpy(),
+        keys=np.array(keys),
+        labels=np.array(labels, dtype=np.int64),
+        dropped=dropped,
+    )
+
+
+def cache_split(cache: CacheStore, corpus: Corpus) -> EncodedSplit:
+    """The teacher's embeddings of `corpus` as stored in `cache` (clean view 0, the first caption of each
+    sample); rows the build marked invalid are dropped. Refuses data the cache was not built from."""
+    cache.require(["image_emb", "text_emb", "valid"], why="evaluation from a cache")
+    rows = join_to_cache(corpus, cache)
+    valid = cache.load("valid")[rows]
+    rows = rows[valid]
+    if not len(rows):
+        raise ValueError(f"cache {cache.path}: every row of data {corpus.spec!r} is invalid")
+    image = cache.group["image_emb"]
+    # with views, read the clean view only: (N, D) in memory instead of (N, 1+K, D)
+    image_emb = image[:, 0] if image.ndim == 3 else image[...]
+    return EncodedSplit(
+        image_emb=image_emb[rows].astype(np.float32),
+        text_emb=cache.load("text_emb")[rows].astype(np.float32),
+        text_to_image=np.arange(len(rows)),
+        keys=corpus.keys[valid],
+        labels=None,
+        dropped=int((~valid).sum()),
+    )
+
+
+def encode_classifier(clip: LoadedCLIP, classnames: list[str], templates: list[str],
+                      batch_size: int = 256) -> np.ndarray:
+    """Zero-shot classifier (C, D) of `clip`: per class the normalised mean of its normalised prompt embeddings."""
+    return build_classifier(lambda prompts: clip.embed_texts(clip.tokenizer(prompts)), classnames, templates,
+                            batch_size).numpy()

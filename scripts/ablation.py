@@ -36,19 +36,23 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
 
 
-def evaluate(run: Path, corpus: Path, device: str) -> dict:
-    """Retrieval on val and zero-shot on the zeroshot split, as kd-eval JSON files beside the run."""
-    ckpt = run / "student.pt"
-    run_step(f"eval {run.name} retrieval", cli("kd-eval") + [
-        "retrieval", "--model", STUDENT, "--checkpoint", ckpt, "--data", corpus / "val", "--device", device,
-        "--output", run / "retrieval.json"], run / "retrieval.json", inputs=(run,))
-    run_step(f"eval {run.name} zeroshot", cli("kd-eval") + [
-        "zeroshot", "--model", STUDENT, "--checkpoint", ckpt, "--data", corpus / "zeroshot", "--device", device,
-        "--classnames", corpus / "zeroshot" / "classnames.txt", "--output", run / "zeroshot.json"],
-        run / "zeroshot.json", inputs=(run,))
-    metrics = {}
-    for name in ("retrieval.json", "zeroshot.json"):
-        metrics.update(json.loads((run / name).read_text())["metrics"])
+def evaluate(runs: dict[str, Path], teacher_ckpt: Path, corpus: Path, out: Path, device: str) -> dict:
+    """One `kd-eval compare` over the teacher and every run (each model encoded once): retrieval on val,
+    zero-shot acc1, and each student's alignment (linear CKA) to the teacher."""
+    entries = [f"teacher={TEACHER}:{teacher_ckpt}"] + [f"{name}={STUDENT}:{run / 'student.pt'}"
+                                                        for name, run in runs.items()]
+    report = out / "compare.json"
+    run_step("evaluation of all runs", cli("kd-eval") + [
+        "compare", "--data", corpus / "val", "--zeroshot-data", corpus / "zeroshot",
+        "--classnames", corpus / "zeroshot" / "classnames.txt", "--teacher-entry", "teacher", "--device", device,
+        "--markdown", out / "compare.md", "--output", report,
+        *[a for e in entries for a in ("--entry", e)]], report, inputs=tuple(runs.values()))
+    comparison = json.loads(report.read_text())
+    metrics: dict[str, dict] = {}
+    for result in comparison["results"]:
+        metrics.setdefault(result["model"], {}).update(result["metrics"])
+    for name, alignment in comparison["alignment"].items():
+        metrics[name].update({k: v for k, v in alignment.items() if v is not None})
     return metrics
 
 
@@ -74,7 +78,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"no teacher cache at {cache}: run `python scripts/demo.py --out {args.demo_out}` first")
     student_data = str(corpus / "train" / f"{{00000..{s['student_shards'] - 1:05d}}}.tar")
     epochs = args.epochs or s["student_epochs"]
-    results = []
+    results, runs = [], {}
     for name, losses, targets in ROWS:
         if args.rows and name not in args.rows:
             continue
@@ -89,20 +93,27 @@ def main(argv=None) -> None:
             first_command = first_command or command
             run_step(f"{name} seed {seed}", command, run, inputs=(cache,))
             record = json.loads((run.parent / (run.name + ".step.json")).read_text())
-            per_seed.append({"seed": seed, "seconds": record["seconds"], **evaluate(run, corpus, args.device)})
+            per_seed.append({"seed": seed, "seconds": record["seconds"], "run": run.name})
+            runs[run.name] = run
         results.append({"row": name, "losses": losses, "teacher_targets": targets, "runs": per_seed,
                         "command": shlex.join(str(c) for c in first_command).replace(sys.executable, "python")})
-    write_report(args.out, results, len(args.seeds), epochs)
+    metrics = evaluate(runs, args.demo_out / "teacher" / "student.pt", corpus, args.out, args.device)
+    for row in results:
+        for run in row["runs"]:
+            run.update(metrics[run["run"]])
+    write_report(args.out, results, metrics["teacher"], len(args.seeds), epochs)
 
 
-def write_report(out: Path, results: list[dict], n_seeds: int, epochs: int) -> None:
+def write_report(out: Path, results: list[dict], teacher: dict, n_seeds: int, epochs: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ablation.json").write_text(json.dumps(results, indent=2))
-    head = ["row", *METRICS, "s / run"]
-    lines = [f"Student {STUDENT}, teacher {TEACHER}; {epochs} epochs; mean ± std over {n_seeds} seeds (percent).",
-             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    (out / "ablation.json").write_text(json.dumps({"teacher": teacher, "rows": results}, indent=2))
+    head = ["row", *METRICS, "image CKA", "text CKA", "s / run"]
+    lines = [f"Student {STUDENT}, teacher {TEACHER}; {epochs} epochs; mean ± std over {n_seeds} seeds (percent; "
+             f"CKA = linear CKA of the student's val embeddings with the teacher's).",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+             "| teacher | " + " | ".join(f"{100 * teacher[m]:.1f}" for m in METRICS) + " | – | – | – |"]
     for r in results:
-        cells = [summarise([run[m] for run in r["runs"]]) for m in METRICS]
+        cells = [summarise([run[m] for run in r["runs"]]) for m in (*METRICS, "image_cka", "text_cka")]
         secs = statistics.mean(run["seconds"] for run in r["runs"])
         lines.append(f"| {r['row']} | " + " | ".join(cells) + f" | {secs:.0f} |")
     lines += ["", "Commands (first seed; the others change `--seed` and `--out`):", ""]

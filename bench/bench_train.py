@@ -1,0 +1,195 @@
+"""Stage two: cost of distillation per training step, from the cache and from the live teacher.
+
+On the same pre-loaded batches and the same student, interleaved round by round (first --warmup rounds
+dropped, medians over --repeats): (a) student-only `Trainer.train_step` (--losses task, no teacher), (b) cached
+KD (--losses task,fd,icl,crd, --teacher-targets cache), (c) live-teacher KD (same losses, --teacher-targets
+live), the live teacher's forward alone (`TargetProvider` in live mode), the cached-target reader
+(`TargetProvider` in cache mode on random rows of a store of --reader-rows rows), and the loading of one batch
+in this process (`TrainBatches[i]`: tar reads, decode, render, tokenize). Goals: cached / student-only <= 1.05;
+reader rows/s >= 20x the cached step's samples/s. live / cached is compared with 1 + teacher / cached step.
+Then, not interleaved, cached KD fed by its real DataLoader (--workers processes) for --loader-steps steps.
+
+    python bench/bench_train.py --batch-size 256 --repeats 8
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import _common as C  # noqa: N812 - also puts the repo on sys.path
+from common.cache import CacheStore, create_store
+from stage1_teacher.build import BuildOptions, build_cache
+from stage2_student.targets import TargetProvider
+from stage2_student.train import Trainer, TrainOptions
+
+KD_LOSSES = "task,fd,icl,crd"
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--student", default="kd-demo-student")
+    p.add_argument("--teacher", default="kd-demo-teacher")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batches", type=int, default=4, help="distinct pre-loaded batches (corpus = batches x size)")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=8, help="measured interleaved rounds")
+    p.add_argument("--warmup", type=int, default=2, help="rounds run first and not measured")
+    p.add_argument("--reader-rows", type=int, default=200_000, help="rows of the store the reader serves from")
+    p.add_argument("--reader-calls", type=int, default=50, help="reader calls per round")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the loader run")
+    p.add_argument("--loader-steps", type=int, default=6, help="steps of the loader run (0: skip it)")
+    C.add_common_args(p)
+    return p.parse_args()
+
+
+def build_teacher_cache(args, data: Path, out: Path) -> Path:
+    """The teacher's cache for the corpus (random-init teacher: timings do not depend on the weights)."""
+    with C.quiet_stderr():
+        build_cache(BuildOptions(teacher=args.teacher, data=str(data), out=str(out), batch_size=args.batch_size,
+                                 device=args.device, workers=0))
+    return out
+
+
+def trainers(args, data: Path, cache: Path, tmp: Path) -> dict[str, Trainer]:
+    base = dict(data=str(data), student=args.student, batch_size=args.batch_size, steps=10**6, warmup=10,
+                workers=args.workers, device=args.device)
+    with C.quiet_stderr():
+        return {
+            "student-only": Trainer(TrainOptions(out=str(tmp / "a"), losses="task", **base)),
+            "cached KD": Trainer(TrainOptions(out=str(tmp / "b"), cache=str(cache), losses=KD_LOSSES,
+                                              teacher_targets="cache", **base)),
+            "live KD": Trainer(TrainOptions(out=str(tmp / "c"), cache=str(cache), losses=KD_LOSSES,
+                                            teacher_targets="live", **base)),
+        }
+
+
+def big_store(real: CacheStore, rows: int, path: Path) -> CacheStore:
+    """A complete store shaped like `real` with `rows` rows of random unit fp16 embeddings."""
+    build = real.attrs["build"]
+    group = create_store(path, real.attrs, rows, real.embed_dim, 0, build["dtype"], build["chunk_rows"], 1)
+    rng = np.random.default_rng(0)
+    for name in ("image_emb", "text_emb"):
+        x = rng.standard_normal((rows, real.embed_dim), dtype=np.float32)
+        group[name][...] = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(group[name].dtype)
+    group["valid"][...] = True
+    group.attrs["complete"] = True
+    return CacheStore(path)
+
+
+def reader_requests(rows: int, batch: int, count: int) -> list[dict]:
+    """`count` cached-target requests of `batch` random rows each, clean view (made once, outside timing)."""
+    rng = np.random.default_rng(0)
+    return [{"cache_rows": torch.from_numpy(rng.integers(0, rows, batch)), "view": torch.zeros(batch, dtype=torch.long)}
+            for _ in range(count)]
+
+
+def interleaved_rounds(args, runs: dict[str, Trainer], batches: list[dict],
+                       reader: TargetProvider) -> dict[str, list[float]]:
+    """Seconds per call of each variant, interleaved; round r feeds batch r % len(batches) to every variant."""
+    dataset = runs["cached KD"].loader(0, 0).dataset
+    requests = reader_requests(args.reader_rows, args.batch_size, args.reader_calls)
+    current = {"i": 0}
+    batch = lambda: batches[current["i"]]  # noqa: E731
+    variants = {
+        "(a) student-only step": lambda: runs["student-only"].train_step(batch()),
+        "(b) cached KD step": lambda: runs["cached KD"].train_step(batch()),
+        "(c) live KD step": lambda: runs["live KD"].train_step(batch()),
+        "teacher forward (live targets)": lambda: runs["live KD"].targets(batch(), False),
+        f"target reader x{args.reader_calls}": lambda: [reader(q, False) for q in requests],
+        "load one batch (1 process)": lambda: dataset[current["i"]],
+    }
+    return C.interleaved(variants, args.repeats, args.device, warmup=args.warmup,
+                         before_round=lambda r: current.update(i=r % len(batches)))
+
+
+def loader_run(trainer: Trainer, steps: int, device: str) -> list[float]:
+    """Wall seconds per cached-KD step fed by the trainer's own DataLoader (first step, with worker start-up,
+    not counted): data wait included."""
+    seconds = []
+    loader = iter(trainer.loader(0, 0))
+    trainer.train_step(next(loader))
+    for _ in range(steps):
+        start = time.perf_counter()
+        trainer.train_step(next(loader))
+        C.synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    del loader  # shuts its workers down
+    return seconds
+
+
+def ratio_rows(args, times: dict) -> list[list]:
+    """[quantity, ratio of medians, median of per-round ratios, goal] for the headline ratios."""
+    bs, calls = args.batch_size, args.reader_calls
+    a, b, c = times["(a) student-only step"], times["(b) cached KD step"], times["(c) live KD step"]
+    teacher, load = times["teacher forward (live targets)"], times["load one batch (1 process)"]
+    reader = [t / calls for t in times[f"target reader x{calls}"]]
+    m = C.median
+    predicted = [1 + t / s for t, s in zip(teacher, b)]
+    return [
+        ["cached KD step / student-only step", m(b) / m(a), C.paired_ratio(b, a), "<= 1.05"],
+        ["live KD step / cached KD step", m(c) / m(b), C.paired_ratio(c, b), ""],
+        ["  predicted: 1 + teacher forward / cached step", 1 + m(teacher) / m(b), m(predicted), ""],
+        ["teacher forward / student-only step", m(teacher) / m(a), C.paired_ratio(teacher, a), ""],
+        ["reader rows/s / cached-KD samples/s", m(b) / m(reader), C.paired_ratio(b, reader), ">= 20"],
+        ["  reader rows/s", bs / m(reader), "", ""],
+        ["  cached-KD consumption samples/s", bs / m(b), "", ""],
+        ["load one batch / cached step (processes to keep up)", m(load) / m(b), C.paired_ratio(load, b), ""],
+    ]
+
+
+def report(args, times: dict, memory: dict, loader_s: list[float], results: dict) -> None:
+    bs = args.batch_size
+    med = {name: C.median(raw) for name, raw in times.items()}
+    print(f"\nstudent {results['student']}; teacher {results['teacher']}")
+    print(f"batch_size={bs} losses(KD)={KD_LOSSES} rounds={args.repeats} (+{args.warmup} warm-up) "
+          f"reader store rows={args.reader_rows}")
+    C.print_table(["variant", "median_s", "samples/s", "raw_s"],
+                  [[name, med[name], bs / med[name] if "reader" not in name else "",
+                    " ".join(f"{t:.3f}" for t in raw)] for name, raw in times.items()],
+                  "interleaved, seconds per call")
+    ratios = ratio_rows(args, times)
+    C.print_table(["quantity", "of_medians", "paired", "goal"], ratios,
+                  "ratios (paired = median over rounds of the per-round ratio)")
+    print(f"\ncached targets in memory (provider.memory_bytes): {memory['bytes_per_sample']:.0f} bytes/sample; "
+          f"reader store of {args.reader_rows} rows: {memory['reader_mb']:.1f} MB")
+    if loader_s:
+        print(f"cached KD fed by its DataLoader (workers={args.workers}, not interleaved): median step "
+              f"{C.median(loader_s):.3f} s = {C.median(loader_s) / med['(b) cached KD step']:.3f} x the pre-loaded "
+              f"cached step median; raw {' '.join(f'{t:.3f}' for t in loader_s)}")
+    results.update({"config": vars(args), "times_s": times, "medians_s": med, "memory": memory,
+                    "ratios": [dict(zip(["quantity", "of_medians", "paired", "goal"], r)) for r in ratios],
+                    "loader_step_s": loader_s})
+
+
+def main() -> None:
+    args = parse_args()
+    results = C.start("stage two: step cost of student-only, cached KD and live KD", args)
+    logging.getLogger("kd-cache").setLevel(logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        tmp = Path(tmp)
+        samples = args.batch_size * max(args.batches, args.loader_steps + 1)
+        data = C.make_corpus(tmp / "corpus", samples, args.image_size)
+        cache = build_teacher_cache(args, data, tmp / "cache.zarr")
+        runs = trainers(args, data, cache, tmp)
+        results["student"] = C.model_summary(runs["cached KD"].student_clip)
+        results["teacher"] = C.model_summary(runs["live KD"].teacher)
+        batches = [runs["live KD"].loader(0, 0).dataset[i] for i in range(args.batches)]
+        store = big_store(runs["cached KD"].cache, args.reader_rows, tmp / "reader.zarr")
+        kd = runs["cached KD"].loss_set
+        provider = TargetProvider("cache", kd.teacher_needs, kd.teacher_optional, store, None, grad_batches=False)
+        memory = {"bytes_per_sample": runs["cached KD"].targets.memory_bytes / runs["cached KD"].cache.num_rows,
+                  "reader_mb": provider.memory_bytes / 2**20}
+        times = interleaved_rounds(args, runs, batches, provider)
+        loader_s = loader_run(runs["cached KD"], args.loader_steps, args.device) if args.loader_steps else []
+        report(args, times, memory, loader_s, results)
+    C.write_json(args.json, results)
+
+
+if __name__ == "__main__":
+    main()

@@ -124,7 +124,3 @@ class CacheStore:
         self.require([name])
         data = self.group[name][...]
         return data.astype(object).astype(str) if data.dtype.kind == "T" else data  # StringDType -> fixed str
-
-    def nbytes(self, name: str) -> int:
-        array = self.group[name]
-        return int(np.prod(array.shape)) * array.dtype.itemsize if name != "keys" else 0

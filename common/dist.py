@@ -58,10 +58,3 @@ def gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     from torch.distributed.nn.functional import all_gather
     return torch.cat(all_gather(tensor), dim=0)
 
-
-def all_reduce_sum(value: float) -> float:
-    if not is_distributed():
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t.item())

@@ -11,7 +11,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -63,8 +63,6 @@ class TrainOptions:
     save_every: int = 500
     resume: bool = False
     init: str | None = None
-    mask_ratio: float = 0.75
-    extra: dict = field(default_factory=dict)
 
     def check(self) -> None:
         if self.batching not in ("shuffle", "cache"):
@@ -167,8 +165,9 @@ class Trainer:
                                (self.teacher.embed_dim if self.teacher else None)).to(self.device)
         self.loss_set.to(self.device)
         self.student_needs = self.loss_set.student_needs
-        self.mask_ratio = max((getattr(m, "mask_ratio", 0) for m in self.loss_set.losses.values()),
-                              default=opts.mask_ratio) or opts.mask_ratio
+        # the loss that reads the masked view says how much to mask
+        self.mask_ratio = next((m.mask_ratio for m in self.loss_set.losses.values()
+                                if "masked_image_emb_proj" in m.student_needs), 0.0)
         self.steps_per_epoch = len(self.epoch_batches(0))
         if self.steps_per_epoch == 0:
             raise ValueError(f"--batch-size {opts.batch_size} is larger than the {int(usable.sum())} usable samples")
@@ -273,7 +272,7 @@ class Trainer:
     def resume_options(self) -> dict:
         """Options that must not change across --resume (they shape the run's numbers)."""
         keep = ("data", "student", "cache", "losses", "teacher_targets", "batch_size", "epochs", "steps", "lr",
-                "wd", "warmup", "augment", "batching", "seed", "shuffle_buffer", "init", "mask_ratio")
+                "wd", "warmup", "augment", "batching", "seed", "shuffle_buffer", "init")
         return {k: getattr(self.opts, k) for k in keep} | {"world": self.world}
 
     def load_resume(self) -> tuple[int, int]:

@@ -1,11 +1,12 @@
 """The one corpus reader: webdataset shards (img2dataset layout) -> samples that carry their identity.
 
-A corpus is a list of tar shards. `Corpus.open(spec)` indexes the shards once (tar headers only: keys and the
-byte offset where each sample starts), which fixes the row of every sample: rows follow shard order, then order
-inside the shard. Rows never shift: a sample that cannot be decoded still has its row (marked invalid).
+A corpus is a list of tar shards. `Corpus.open(spec)` indexes the shards once (tar headers only, grouped into
+samples by webdataset's key rule: keys, and where each member's bytes lie), which fixes the row of every sample:
+rows follow shard order, then order inside the shard. Rows never shift: a sample that cannot be decoded still has
+its row (marked invalid).
 
-Reading goes through webdataset's tar iterators, starting at a sample's offset, so any row range can be read
-without reading the shard from its beginning (build blocks, resume, rank splits).
+Reading a sample is a seek and a read per member from that index: any row or row range is read without parsing
+the tar again (build blocks, resume, rank splits, the training loader's shuffled rows).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Iterator, Sequence
 import braceexpand
 import numpy as np
 from PIL import Image
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 ON_ERROR_CHOICES = ("raise", "skip")
@@ -57,31 +58,33 @@ def expand_spec(spec: str | Sequence[str]) -> list[Path]:
 
 @dataclass(frozen=True)
 class ShardIndex:
-    """One shard's samples in order: keys and the byte offset of each sample's first tar member."""
+    """One shard's samples in order: keys, and for each sample its members as (extension, data offset, size)."""
     path: str
     name: str
     size: int
     keys: tuple[str, ...]
-    offsets: tuple[int, ...]
+    members: tuple[tuple[tuple[str, int, int], ...], ...]
     error: str | None = None  # set when the tar is corrupt: samples after the damage are not indexed
 
     @staticmethod
     def scan(path: Path) -> "ShardIndex":
         keys: list[str] = []
-        offsets: list[int] = []
+        members: list[list[tuple[str, int, int]]] = []
         error = None
         try:
             with tarfile.open(path, mode="r:") as tar:
                 for member in tar:
-                    key, _ = base_plus_ext(member.name)
+                    key, ext = base_plus_ext(member.name)
                     if not member.isreg() or key is None or os.path.basename(member.name).startswith("__"):
                         continue
                     if not keys or keys[-1] != key:
                         keys.append(key)
-                        offsets.append(member.offset)
+                        members.append([])
+                    members[-1].append((ext.lower(), member.offset_data, member.size))
         except (tarfile.TarError, EOFError, OSError) as e:
             error = f"corrupt tar after {len(keys)} samples: {e}"
-        return ShardIndex(str(path), path.name, path.stat().st_size, tuple(keys), tuple(offsets), error)
+        return ShardIndex(str(path), path.name, path.stat().st_size, tuple(keys),
+                          tuple(tuple(m) for m in members), error)
 
 
 @dataclass
@@ -188,31 +191,23 @@ class Corpus:
             row += n
 
     def _read_shard(self, shard: ShardIndex, first_row: int, begin: int, end: int, on_error: str) -> Iterator[Sample]:
-        expected = iter(range(begin, end))
-        try:
-            with open(shard.path, "rb") as stream:
-                stream.seek(shard.offsets[begin])
-                members = ({**member, "__url__": shard.path} for member in tar_file_iterator(stream))
-                for raw in group_by_keys(members):
-                    index = next(expected, None)
-                    if index is None:
-                        return
-                    key = shard.keys[index]
-                    if raw["__key__"] != key:
-                        raise CorpusError(f"shard {shard.path}: expected key {key} at index {index}, found "
-                                          f"{raw['__key__']}: the shard changed since it was indexed")
-                    yield self._decoded(shard, first_row, index, key, raw, on_error)
-        except (tarfile.TarError, EOFError, OSError) as e:
-            error = f"tar read error: {e}"
-        else:
-            error = "tar ended early"
-        # samples the stream could not deliver: raise, or keep their rows as invalid
-        for index in expected:
-            key = shard.keys[index]
-            if on_error == "raise":
-                raise CorpusError(f"shard {shard.path}, key {key}: {error}. Repair or remove the shard, "
-                                  f"or pass --on-error skip")
-            yield Sample(first_row + index, shard.name, index, key, error=error)
+        with open(shard.path, "rb") as stream:
+            for index in range(begin, end):
+                key = shard.keys[index]
+                try:
+                    raw = {"__key__": key}
+                    for ext, offset, size in shard.members[index]:
+                        stream.seek(offset)
+                        raw[ext] = stream.read(size)
+                        if len(raw[ext]) != size:
+                            raise EOFError(f"{key}.{ext} is cut short ({len(raw[ext])} of {size} bytes)")
+                except (OSError, EOFError) as e:
+                    if on_error == "raise":
+                        raise CorpusError(f"shard {shard.path}, key {key}: tar read error: {e}. Repair or remove "
+                                          f"the shard, or pass --on-error skip") from e
+                    yield Sample(first_row + index, shard.name, index, key, error=f"tar read error: {e}")
+                    continue
+                yield self._decoded(shard, first_row, index, key, raw, on_error)
 
     @staticmethod
     def _decoded(shard: ShardIndex, first_row: int, index: int, key: str, raw: dict, on_error: str) -> Sample:

@@ -13,11 +13,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from common.cache import CacheStore
+from common.cache import CacheStore, join_to_cache
 from common.corpus import Corpus, Sample
 from common.models import LoadedCLIP
 from common.zeroshot import build_classifier
-from stage2_student.data import join_to_cache
 
 Captions = Literal["all", "first", "none"]
 NO_LABEL = -1

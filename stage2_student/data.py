@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from common.cache import CacheError, CacheStore
 from common.corpus import Corpus
 from common.models import LoadedCLIP
 from common.views import CLEAN_VIEW, DEFAULT_SCALE, View, render, sample_view, view_from_arrays
@@ -23,30 +22,6 @@ from common.views import CLEAN_VIEW, DEFAULT_SCALE, View, render, sample_view, v
 def _rng(*parts) -> np.random.Generator:
     digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
-
-
-def join_to_cache(corpus: Corpus, cache: CacheStore) -> np.ndarray:
-    """Cache row of every corpus row, by shard identity (name, size, count) and key; refuses other data."""
-    shards = cache.load("shard_names")
-    first = cache.load("shard_first_row")
-    counts, sizes = cache.load("shard_count"), cache.load("shard_size")
-    where = {str(name): i for i, name in enumerate(shards)}
-    keys = cache.load("keys")
-    rows = np.empty(corpus.num_samples, dtype=np.int64)
-    for shard, start in zip(corpus.shards, corpus.first_rows):
-        i = where.get(shard.name)
-        if i is None:
-            raise CacheError(f"shard {shard.path} is not in cache {cache.path} (built from "
-                             f"{len(shards)} shards {shards[0]}..{shards[-1]}): build a cache for this data")
-        if counts[i] != len(shard.keys) or sizes[i] != shard.size:
-            raise CacheError(f"shard {shard.path} differs from the one cache {cache.path} was built from "
-                             f"({len(shard.keys)} samples / {shard.size} bytes, cache has {counts[i]} / {sizes[i]}): "
-                             f"rebuild the cache")
-        span = np.arange(first[i], first[i] + counts[i])
-        if not np.array_equal(keys[span].astype(str), np.array(shard.keys, dtype=str)):
-            raise CacheError(f"shard {shard.path}: keys differ from cache {cache.path}: rebuild the cache")
-        rows[start:start + len(shard.keys)] = span
-    return rows
 
 
 def shuffled_rows(corpus: Corpus, usable: np.ndarray, seed: int, epoch: int, buffer: int) -> np.ndarray:

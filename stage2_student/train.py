@@ -20,10 +20,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from common import dist
-from common.cache import CacheError, CacheStore
+from common.cache import CacheError, CacheStore, join_to_cache
 from common.corpus import Corpus
 from common.models import clip_from_provenance, create_clip
-from stage2_student.data import Renderer, TrainBatches, ViewPolicy, join_to_cache, shuffled_rows
+from stage2_student.data import Renderer, TrainBatches, ViewPolicy, shuffled_rows
 from stage2_student.losses import LossSet
 from stage2_student.student import Student, loss_dims
 from stage2_student.targets import TargetProvider, uncacheable

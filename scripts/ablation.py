@@ -28,6 +28,10 @@ ROWS = [
     ("+fd+icl+crd+gd", "task,fd,icl,crd,gd", "auto"),
     ("+fd+icl+crd+afd", "task,fd,icl,crd,afd", "auto"),
     ("+fd+icl+crd, live teacher", "task,fd,icl,crd", "live"),
+    # GD's default weight (3e4) is calibrated for B = 256, D = 512; it scales as (B/256)^2 (D/512) (README),
+    # which is 1875 for the demo's B = 128, D = 128
+    ("+gd, weight scaled to B, D", "task,gd:1875", "auto"),
+    ("+fd+icl+crd+gd, weight scaled to B, D", "task,fd,icl,crd,gd:1875", "auto"),
 ]
 METRICS = ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10", "acc1")
 

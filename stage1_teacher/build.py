@@ -202,25 +202,29 @@ def encode_batch(teacher: LoadedCLIP, batch: dict) -> tuple[np.ndarray | None, n
 
 
 def compute_gradients(group: zarr.Group, opts: BuildOptions, scale: float) -> None:
-    """Teacher gradients of the symmetric CLIP loss over seeded gradient batches of the valid rows."""
+    """Teacher gradients of the symmetric CLIP loss over seeded gradient batches of the valid rows.
+
+    Memory: the clean-view embeddings in their stored dtype plus the fp32 gradients, 12·N·D bytes for fp16
+    stores (each batch is cast to fp32 on its own)."""
     valid = group["valid"][...]
-    image = group["image_emb"][...]
-    image = torch.from_numpy((image[:, 0] if opts.views else image).astype(np.float32))
-    text = torch.from_numpy(group["text_emb"][...].astype(np.float32))
+    image = group["image_emb"][:, 0] if opts.views else group["image_emb"][...]
+    text = group["text_emb"][...]
     rows = np.random.default_rng(opts.seed).permutation(np.flatnonzero(valid))
     n_batches = math.ceil(len(rows) / opts.grad_batch)
     batches = np.full((n_batches, opts.grad_batch), -1, dtype=np.int64)  # -1 pads the last, shorter batch
     batches.flat[:len(rows)] = rows
-    image_grad = torch.zeros_like(image)
-    text_grad = torch.zeros_like(text)
+    image_grad = np.zeros(image.shape, np.float32)
+    text_grad = np.zeros(text.shape, np.float32)
     for batch in tqdm(batches, desc="gradients", unit="batch", leave=False):
-        idx = torch.from_numpy(batch[batch >= 0])
-        image_grad[idx], text_grad[idx] = clip_loss_grads(image[idx], text[idx], scale)
+        idx = batch[batch >= 0]
+        g_img, g_txt = clip_loss_grads(torch.from_numpy(image[idx].astype(np.float32)),
+                                       torch.from_numpy(text[idx].astype(np.float32)), scale)
+        image_grad[idx], text_grad[idx] = g_img.numpy(), g_txt.numpy()
     if "grad_batches" in group:
         del group["grad_batches"]
     group.create_array("grad_batches", data=batches, chunks=(max(1, min(n_batches, 1024)), opts.grad_batch))
-    group["image_grad"][:] = image_grad.numpy()
-    group["text_grad"][:] = text_grad.numpy()
+    group["image_grad"][:] = image_grad
+    group["text_grad"][:] = text_grad
 
 
 def build_cache(opts: BuildOptions) -> Path:

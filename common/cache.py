@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,11 @@ class CacheStore:
     def has(self, name: str) -> bool:
         return name in self.group
 
+    def nbytes(self, name: str) -> int:
+        """Bytes the array takes in memory, without reading it."""
+        array = self.group[name]
+        return int(np.prod(array.shape)) * array.dtype.itemsize
+
     def require(self, names, why: str = "") -> None:
         missing = [n for n in names if n not in self.group]
         if missing:
@@ -150,3 +156,49 @@ def join_to_cache(corpus: Corpus, cache: CacheStore) -> np.ndarray:
             raise CacheError(f"shard {shard.path}: keys differ from cache {cache.path}: rebuild the cache")
         rows[start:start + len(shard.keys)] = span
     return rows
+
+
+class ChunkedRows:
+    """Rows of a Zarr array too big for memory, read chunk-aware: a request reads the whole chunks that hold its
+    rows (one read each, never row by row) and keeps the last `max_chunks` of them, so shuffled batches drawn from
+    a window of nearby rows (shard order + shuffle buffer) mostly hit chunks already in memory.
+    Same call as numpy's `array.take(rows, axis=0)`, so in-memory and chunked targets are used alike."""
+
+    def __init__(self, array: zarr.Array, max_chunks: int):
+        self.array, self.max_chunks = array, max(1, max_chunks)
+        self.chunk_rows = array.chunks[0]
+        self.chunks: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.chunk_reads = 0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.array.shape
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the chunk LRU may hold."""
+        per_row = int(np.prod(self.array.shape[1:])) * self.array.dtype.itemsize
+        return self.max_chunks * self.chunk_rows * per_row
+
+    def _chunk(self, number: int) -> np.ndarray:
+        if number in self.chunks:
+            self.chunks.move_to_end(number)
+        else:
+            start = number * self.chunk_rows
+            self.chunks[number] = self.array[start:start + self.chunk_rows]
+            self.chunk_reads += 1
+            if len(self.chunks) > self.max_chunks:
+                self.chunks.popitem(last=False)
+        return self.chunks[number]
+
+    def take(self, rows: np.ndarray, axis: int = 0) -> np.ndarray:
+        if axis != 0:
+            raise ValueError("ChunkedRows.take reads along the sample axis only")
+        rows = np.asarray(rows)
+        out = np.empty((len(rows),) + tuple(self.array.shape[1:]), dtype=self.array.dtype)
+        chunk_of = rows // self.chunk_rows
+        for number in np.unique(chunk_of):
+            mask = chunk_of == number
+            out[mask] = self._chunk(int(number))[rows[mask] - number * self.chunk_rows]
+        return out
+

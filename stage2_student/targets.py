@@ -1,16 +1,17 @@
 """Teacher targets per batch: from the cache when it holds them for the view the student saw, otherwise from the
 live teacher (loaded once from the cache's provenance), batch by batch.
 
-Cached arrays are held in memory (fp16 as stored): N x (1+K) x D x 2 bytes for image embeddings, N x D x 2 for
-text, N x D x 4 per gradient array; `TargetProvider.memory_bytes` says how much. Rows are gathered with numpy
-fancy indexing on those in-memory arrays: the hot path never touches Zarr.
+Cached arrays are held in memory when they fit the memory budget (fp16 as stored: N x (1+K) x D x 2 bytes for
+image embeddings, N x D x 2 for text, N x D x 4 per gradient array); rows are then gathered by numpy indexing and
+the hot path never touches Zarr. Above the budget they are read chunk-aware (`ChunkedRows`: whole chunks, kept in
+an LRU sized to the budget). `TargetProvider.memory_bytes` and `.chunked` say which and how much.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from common.cache import CacheError, CacheStore
+from common.cache import CacheError, CacheStore, ChunkedRows
 from common.models import LoadedCLIP
 from stage2_student.features import forward_features
 from stage2_student.losses import CACHEABLE_TARGETS, TeacherTargets
@@ -26,21 +27,29 @@ def uncacheable(needs: frozenset[str]) -> frozenset[str]:
 
 class TargetProvider:
     def __init__(self, mode: str, needs: frozenset[str], optional: frozenset[str], cache: CacheStore | None,
-                 teacher: LoadedCLIP | None, grad_batches: bool):
+                 teacher: LoadedCLIP | None, grad_batches: bool, memory_budget: int | None = None):
         if mode not in MODES:
             raise ValueError(f"--teacher-targets {mode!r}: choose one of {MODES}")
         self.mode, self.needs, self.teacher = mode, needs, teacher
         self.cache_hits = self.live_batches = 0
-        self.arrays: dict[str, np.ndarray] = {}
+        self.arrays: dict[str, np.ndarray | ChunkedRows] = {}
+        self.chunked = False
         self.logit_scale = cache.teacher_logit_scale if cache is not None else (
             teacher.logit_scale if teacher is not None else None)
         if cache is not None and mode != "live":
             wanted = (needs | (optional if grad_batches else frozenset())) & {
                 "image_emb", "text_emb", "image_grad", "text_grad"}
             cache.require(sorted(wanted), why=f"the chosen losses ({', '.join(sorted(needs))})")
-            self.arrays = {name: cache.load(name) for name in wanted}
-            if "image_emb" in self.arrays and self.arrays["image_emb"].ndim == 2:
-                self.arrays["image_emb"] = self.arrays["image_emb"][:, None]  # one (clean) view
+            total = sum(cache.nbytes(name) for name in wanted)
+            self.chunked = memory_budget is not None and total > memory_budget
+            if self.chunked:  # split the budget across the arrays, in whole chunks
+                chunks = max(1, cache.attrs["build"]["chunk_rows"])
+                share = lambda name: memory_budget * cache.nbytes(name) // total  # noqa: E731
+                per_chunk = lambda name: cache.nbytes(name) * chunks // max(cache.num_rows, 1)  # noqa: E731
+                self.arrays = {name: ChunkedRows(cache.group[name], share(name) // max(per_chunk(name), 1))
+                               for name in wanted}
+            else:
+                self.arrays = {name: cache.load(name) for name in wanted}
 
     @property
     def memory_bytes(self) -> int:
@@ -66,11 +75,13 @@ class TargetProvider:
 
     def _from_cache(self, batch: dict, grads: bool) -> TeacherTargets:
         rows = batch["cache_rows"].numpy()
-        get = lambda name: torch.from_numpy(self.arrays[name][rows].astype(np.float32)) \
+        get = lambda name: torch.from_numpy(self.arrays[name].take(rows, axis=0).astype(np.float32)) \
             if name in self.arrays else None  # noqa: E731
-        image = self.arrays.get("image_emb")
+        image = self.arrays["image_emb"].take(rows, axis=0) if "image_emb" in self.arrays else None
+        if image is not None and image.ndim == 3:  # (b, 1+K, D): the view each sample was shown
+            image = image[np.arange(len(rows)), batch["view"].numpy()]
         return TeacherTargets(
-            image_emb=torch.from_numpy(image[rows, batch["view"].numpy()].astype(np.float32)) if image is not None else None,
+            image_emb=torch.from_numpy(image.astype(np.float32)) if image is not None else None,
             text_emb=get("text_emb"),
             logit_scale=self.logit_scale,
             image_grad=get("image_grad") if grads else None,

@@ -63,6 +63,7 @@ class TrainOptions:
     save_every: int = 500
     resume: bool = False
     init: str | None = None
+    target_memory_gb: float | None = None  # cached targets above this are read chunk-aware (default: half the RAM)
 
     def check(self) -> None:
         if self.batching not in ("shuffle", "cache"):
@@ -159,8 +160,10 @@ class Trainer:
             self.teacher = (clip_from_provenance(self.cache.attrs["teacher"], opts.teacher_pretrained, self.device)
                             if self.cache else create_clip(opts.teacher, opts.teacher_pretrained, self.device))
             self.teacher.model.eval()
+        budget = (opts.target_memory_gb * 2**30 if opts.target_memory_gb is not None
+                  else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2)
         self.targets = TargetProvider(opts.teacher_targets, needs, optional, self.cache, self.teacher,
-                                      grad_batches=opts.batching == "cache")
+                                      grad_batches=opts.batching == "cache", memory_budget=int(budget))
         self.student = Student(self.student_clip, teacher_config["embed_dim"] if teacher_config else
                                (self.teacher.embed_dim if self.teacher else None)).to(self.device)
         self.loss_set.to(self.device)
@@ -302,9 +305,9 @@ class Trainer:
                                       metrics_path.exists() else []) if json.loads(line)["step"] <= self.step]
             metrics_path.write_text("".join(line + "\n" for line in kept))  # drop steps redone after a crash
             (self.out / "options.json").write_text(json.dumps(asdict(self.opts), indent=2))
-        log.info("%d steps of %d (global batch %d), %d invalid cache rows skipped, cache targets in memory: %.1f MB",
-                 self.total_steps, self.opts.batch_size, self.opts.batch_size, self.skipped_invalid,
-                 self.targets.memory_bytes / 2**20)
+        log.info("%d steps (global batch %d), %d invalid cache rows skipped, cache targets: %.1f MB %s",
+                 self.total_steps, self.opts.batch_size, self.skipped_invalid, self.targets.memory_bytes / 2**20,
+                 "of chunks read on demand (over --target-memory-gb)" if self.targets.chunked else "in memory")
         last: dict = {}
         window_start, window_samples = time.perf_counter(), 0
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=self.rank != 0, dynamic_ncols=True)

@@ -236,3 +236,23 @@ def test_bad_input_fails_before_any_work(synth_corpus, cache, tmp_path):
     result = cli("stage2_student.cli", "--data", synth_corpus / "train", "--out", tmp_path / "y", "--student",
                  STUDENT, "--cache", cache, "--losses", "crd:1,bogus", check=False)
     assert result.returncode == 1 and "unknown loss 'bogus'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_targets_over_the_memory_budget_are_read_chunk_aware(synth_corpus, cache_views, tmp_path):
+    """A cache bigger than --target-memory-gb is read in whole chunks on demand, with the same targets."""
+    in_memory = Trainer(options(synth_corpus, tmp_path / "m", cache=str(cache_views), losses="fd,gd",
+                                augment=True, batching="cache"))
+    chunked = Trainer(options(synth_corpus, tmp_path / "c", cache=str(cache_views), losses="fd,gd",
+                              augment=True, batching="cache", target_memory_gb=1e-6))
+    assert not in_memory.targets.chunked and chunked.targets.chunked
+    requested = 0
+    for step in range(3):
+        batch = in_memory.loader(0, 0).dataset[step]
+        assert set(batch["view"].tolist()) <= {1, 2}  # stored views: the (N, 1+K, D) path
+        a, b = in_memory.targets(batch, True), chunked.targets(batch, True)
+        for name in ("image_emb", "text_emb", "image_grad", "text_grad"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        requested += len(batch["cache_rows"])
+    reads = chunked.targets.arrays["image_emb"].chunk_reads
+    assert 0 < reads < requested  # whole chunks, not rows (192 rows = 3 chunks of 64)
+    assert chunked.run()["cache_hits"] >= 2

@@ -101,19 +101,20 @@ class LoadedCLIP:
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.detach().exp().item())
 
-    def _autocast(self):
+    def autocast(self):
+        """fp16 autocast on GPU (as the cache is built), nothing on CPU."""
         device = next(self.model.parameters()).device
         return torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised float32 image embeddings on the CPU, under inference mode (autocast on GPU)."""
         device = next(self.model.parameters()).device
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self.autocast():
             return self.model.encode_image(images.to(device, non_blocking=True), normalize=True).float().cpu()
 
     def embed_texts(self, tokens: torch.Tensor) -> torch.Tensor:
         device = next(self.model.parameters()).device
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self.autocast():
             return self.model.encode_text(tokens.to(device, non_blocking=True), normalize=True).float().cpu()
 
     def provenance(self) -> dict:

@@ -27,8 +27,9 @@ class View:
 CLEAN_VIEW = View()
 
 
-def view_rng(seed: int, key: str, view: int) -> np.random.Generator:
-    digest = hashlib.sha256(f"{seed}:{key}:{view}".encode()).digest()
+def keyed_rng(*parts) -> np.random.Generator:
+    """A generator seeded from sha256 of the parts joined by ':' (stable across processes and platforms)."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
@@ -49,7 +50,7 @@ def sample_view(rng: np.random.Generator, scale=DEFAULT_SCALE, ratio=DEFAULT_RAT
 
 def keyed_view(seed: int, key: str, view: int, **kwargs) -> View:
     """Stage one's stored view `view` (1..K) of sample `key`."""
-    return sample_view(view_rng(seed, key, view), **kwargs)
+    return sample_view(keyed_rng(seed, key, view), **kwargs)
 
 
 def crop_view(image: Image.Image, view: View) -> Image.Image:

@@ -7,7 +7,6 @@ rebuilds the global batch in order. Resuming at step k therefore needs no replay
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,17 +15,12 @@ from torch.utils.data import Dataset
 
 from common.corpus import Corpus
 from common.models import LoadedCLIP
-from common.views import CLEAN_VIEW, DEFAULT_SCALE, View, render, sample_view, view_from_arrays
-
-
-def _rng(*parts) -> np.random.Generator:
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+from common.views import CLEAN_VIEW, DEFAULT_SCALE, View, keyed_rng, render, sample_view, view_from_arrays
 
 
 def shuffled_rows(corpus: Corpus, usable: np.ndarray, seed: int, epoch: int, buffer: int) -> np.ndarray:
     """Shard order shuffled, then a shuffle buffer of `buffer` rows, on the usable rows."""
-    rng = _rng("order", seed, epoch)
+    rng = keyed_rng("order", seed, epoch)
     out, pool = [], []
     for shard_no in rng.permutation(len(corpus.shards)):
         start = int(corpus.first_rows[shard_no])
@@ -104,7 +98,7 @@ class ViewPolicy:
     def choose(self, key: str, epoch: int, cache_row: int | None) -> tuple[int, View]:
         if not self.augment:
             return 0, CLEAN_VIEW
-        rng = _rng("view", self.seed, epoch, key)
+        rng = keyed_rng("view", self.seed, epoch, key)
         if self.stored_views and cache_row is not None:
             v = int(rng.integers(self.stored_views))
             return 1 + v, view_from_arrays(self.boxes[cache_row, v], self.flips[cache_row, v])

@@ -96,8 +96,7 @@ class TargetProvider:
         model = self.teacher.model
         device = next(model.parameters()).device
         wanted = frozenset(_LIVE_FEATURE[n] for n in self.needs if n in _LIVE_FEATURE)
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-        with torch.inference_mode(), amp:
+        with torch.inference_mode(), self.teacher.autocast():
             feats = forward_features(model, batch["teacher_images"].to(device), batch["teacher_tokens"].to(device),
                                      wanted | {"image_emb", "text_emb"})
         norm = lambda x: torch.nn.functional.normalize(x.float(), dim=-1).cpu().clone()  # noqa: E731

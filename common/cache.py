@@ -1,30 +1,46 @@
-"""The teacher cache: a Zarr v3 group, readable with plain `zarr.open` + numpy. Format: docs/cache-format.md.
+"""The teacher cache: a Zarr v3 group (a local directory or any fsspec URL), readable with plain `zarr.open` +
+numpy. Format: docs/cache-format.md.
 
 Row i of every per-sample array belongs to corpus row i (shard order, then order in the shard; see corpus.py).
-Arrays are chunked along the sample axis only; `CHUNK_ROWS` was chosen with bench/bench_cache_chunks.py.
+Arrays are chunked along the sample axis only; `CHUNK_ROWS` was chosen with bench/bench_cache_chunks.py. Every
+chunk carries a CRC32C checksum, every chunk of a finished store must exist, and the attributes that shape the
+targets are hashed: a damaged store is an error naming the array and chunk, never data.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import shutil
 from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec
 
 from common.corpus import Corpus
+from common.index import CorpusIndex, read_index, write_index
+from common.storage import StorageError, exists, join
 
-FORMAT_VERSION = 1
+# Every chunk of a finished store is written, even one equal to the fill value (all-zero flips, an all-invalid
+# block), so a missing chunk file is damage, never "zeros". It is a runtime setting in zarr, not stored metadata.
+zarr.config.set({"array.write_empty_chunks": True})
+
+FORMAT_VERSION = 2
 CHUNK_ROWS = 2048
-DTYPES = {"fp16": "float16", "fp32": "float32"}
-GRAD_DTYPE = "float32"  # gradients are O(scale / B): fp16 would flush many to subnormals
+DTYPES = {"fp16": "float16", "fp32": "float32", "int8": "int8"}
+GRAD_DTYPE = "float16"  # stored as g * grad_scale (grad_scale = grad_batch / s_t): values O(1), fp16-exact to 5e-4
+CHECKSUM = (Crc32cCodec(),)
 # Provenance sections that must match for a store to be resumed or used with given data / teacher.
 PROVENANCE_KEYS = ("format_version", "teacher", "corpus", "build")
+# Attributes that shape the targets: hashed into `content_hash`, checked on every open.
+CONTENT_KEYS = PROVENANCE_KEYS + ("embed_dim", "teacher_logit_scale", "grad_scale")
 
 
 class CacheError(ValueError):
-    """A store that is missing, incomplete, or does not fit the data / teacher / options it is used with."""
+    """A store that is missing, incomplete, damaged, or does not fit the data / teacher / options it is used with."""
+
+
+def content_hash(attrs: dict) -> str:
+    return hashlib.sha256(json.dumps({k: attrs.get(k) for k in CONTENT_KEYS}, sort_keys=True).encode()).hexdigest()
 
 
 def provenance_diff(stored: dict, wanted: dict, keys=PROVENANCE_KEYS) -> list[str]:
@@ -44,51 +60,82 @@ def provenance_diff(stored: dict, wanted: dict, keys=PROVENANCE_KEYS) -> list[st
     return diffs
 
 
-def create_store(path: str | Path, attrs: dict, num_rows: int, embed_dim: int, views: int, dtype: str,
-                 chunk_rows: int, num_shards: int) -> zarr.Group:
-    """Create an empty store with every array (the data is filled in by the build)."""
-    group = zarr.open_group(str(path), mode="w")
-    emb_shape = (num_rows, 1 + views, embed_dim) if views else (num_rows, embed_dim)
-    per_row = lambda shape: (chunk_rows,) + tuple(shape[1:])  # noqa: E731
-    arrays = {
-        "image_emb": (emb_shape, DTYPES[dtype]),
-        "text_emb": ((num_rows, embed_dim), DTYPES[dtype]),
-        "image_grad": ((num_rows, embed_dim), GRAD_DTYPE),
-        "text_grad": ((num_rows, embed_dim), GRAD_DTYPE),
-        "valid": ((num_rows,), "bool"),
-        "keys": ((num_rows,), str),
-    }
+def grad_slots(window_rows: int, grad_batch: int) -> int:
+    """Gradient batches a window of `window_rows` rows can hold (its chunk of `grad_batches`)."""
+    return -(-window_rows // grad_batch)
+
+
+def create_store(url: str, attrs: dict, index: CorpusIndex) -> zarr.Group:
+    """Create an empty store with every array (the data is filled in by the build) and the corpus index."""
+    build = attrs["build"]
+    num_rows, dim, views, rows = index.num_samples, attrs["embed_dim"], build["views"], build["chunk_rows"]
+    group = zarr.open_group(url, mode="w")
+    emb_shape = (num_rows, 1 + views, dim) if views else (num_rows, dim)
+    arrays = {"image_emb": (emb_shape, DTYPES[build["dtype"]]), "text_emb": ((num_rows, dim), DTYPES[build["dtype"]]),
+              "valid": ((num_rows,), "bool")}
+    if build["grads"]:
+        arrays |= {"image_grad": ((num_rows, dim), GRAD_DTYPE), "text_grad": ((num_rows, dim), GRAD_DTYPE)}
     if views:
-        arrays["view_boxes"] = ((num_rows, views, 4), "float64")
-        arrays["view_flips"] = ((num_rows, views), "bool")
-    for name, (shape, dt) in arrays.items():
-        group.create_array(name, shape=shape, chunks=per_row(shape), dtype=dt, compressors=None,
-                           fill_value="" if dt is str else 0)
-    for name, dt in (("shard_names", str), ("shard_first_row", "int64"), ("shard_count", "int64"),
-                     ("shard_size", "int64")):
-        group.create_array(name, shape=(num_shards,), chunks=(max(num_shards, 1),), dtype=dt,
-                           fill_value="" if dt is str else 0)
+        arrays |= {"view_boxes": ((num_rows, views, 4), "float64"), "view_flips": ((num_rows, views), "bool")}
+    for name, (shape, dtype) in arrays.items():
+        group.create_array(name, shape=shape, chunks=(rows,) + shape[1:], dtype=dtype, compressors=CHECKSUM,
+                           fill_value=0)
+    n_blocks = -(-num_rows // rows)
+    n_windows = -(-n_blocks // build["window_blocks"])
+    slots = grad_slots(build["window_blocks"] * rows, build["grad_batch"])
+    if build["grads"]:  # one chunk per window: the rank that computes a window writes its chunk alone
+        group.create_array("grad_batches", shape=(n_windows * slots, build["grad_batch"]),
+                           chunks=(slots, build["grad_batch"]), dtype="int64", fill_value=-1, compressors=CHECKSUM)
     # one chunk per block, so ranks mark their own blocks without touching each other's chunk files
-    n_blocks = -(-num_rows // chunk_rows)
     group.create_array("blocks_done", shape=(n_blocks,), chunks=(1,), dtype="bool", fill_value=False)
-    group.attrs.update({**attrs, "complete": False})
+    write_index(group.create_group("index"), index, codecs=CHECKSUM)
+    group.attrs.update({**attrs, "content_hash": content_hash(attrs), "complete": False})
     return group
 
 
-def remove_store(path: str | Path) -> None:
-    path = Path(path)
-    if path.exists():
-        shutil.rmtree(path)
+def open_group(url: str, mode: str = "r") -> zarr.Group:
+    """A store's root group; a clear error for a missing or unreadable one."""
+    try:
+        if not exists(join(url, "zarr.json")):
+            raise CacheError(f"cache {url} is not a Zarr store (no zarr.json): build it with `kd-cache build`")
+        return zarr.open_group(url, mode=mode)
+    except json.JSONDecodeError as e:
+        raise CacheError(f"cache {url}: a zarr.json is not valid JSON ({e}): the store is damaged; rebuild it "
+                         f"with `kd-cache build --overwrite`") from e
+    except StorageError as e:
+        raise CacheError(str(e)) from e
+
+
+def store_index(url: str) -> CorpusIndex | None:
+    """The corpus index kept in a store (complete or not), or None when there is none to use."""
+    try:
+        return read_index(zarr.open_group(url, mode="r")["index"])
+    except Exception:  # noqa: BLE001 - no store yet, or none usable: the corpus is indexed from the shards
+        return None
+
+
+def read_chunked(array: zarr.Array, start: int, stop: int, what: str) -> np.ndarray:
+    """array[start:stop]; a checksum or decoding failure becomes a CacheError naming the array and chunk."""
+    try:
+        return array[start:stop]
+    except (ValueError, RuntimeError) as e:
+        rows = array.chunks[0]
+        for first in range(start - start % rows, stop, rows):  # find the chunk at fault
+            try:
+                array[first:first + rows]
+            except (ValueError, RuntimeError):
+                raise CacheError(f"{what}: array {array.name.strip('/')}, chunk {first // rows} (rows {first}.."
+                                 f"{min(first + rows, array.shape[0]) - 1}) is damaged ({e}); rebuild the store "
+                                 f"with `kd-cache build --overwrite`") from e
+        raise
 
 
 class CacheStore:
-    """Read side of a finished store, for stage two and evaluation."""
+    """Read side of a finished store, for stage two, evaluation and verify."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not (self.path / "zarr.json").is_file():
-            raise CacheError(f"cache {self.path} is not a Zarr store (no zarr.json): build it with `kd-cache build`")
-        self.group = zarr.open_group(str(self.path), mode="r")
+    def __init__(self, url: str):
+        self.path = str(url)
+        self.group = open_group(self.path)
         self.attrs = dict(self.group.attrs)
         if self.attrs.get("format_version") != FORMAT_VERSION:
             raise CacheError(f"cache {self.path} has format version {self.attrs.get('format_version')}, "
@@ -96,6 +143,10 @@ class CacheStore:
         if not self.attrs.get("complete"):
             raise CacheError(f"cache {self.path} is incomplete (an interrupted build): re-run the same "
                              f"`kd-cache build` command to finish it")
+        if self.attrs.get("content_hash") != content_hash(self.attrs):
+            raise CacheError(f"cache {self.path}: its attributes were changed after the build (content hash "
+                             f"mismatch in zarr.json): rebuild it with `kd-cache build --overwrite`")
+        self._checked: set[str] = set()
 
     @property
     def num_rows(self) -> int:
@@ -113,6 +164,10 @@ class CacheStore:
     def teacher_logit_scale(self) -> float:
         return float(self.attrs["teacher_logit_scale"])
 
+    @property
+    def dtype(self) -> str:
+        return self.attrs["build"]["dtype"]
+
     def has(self, name: str) -> bool:
         return name in self.group
 
@@ -125,36 +180,77 @@ class CacheStore:
         missing = [n for n in names if n not in self.group]
         if missing:
             raise CacheError(f"cache {self.path} lacks array(s) {missing}{' needed by ' + why if why else ''}: "
-                             f"rebuild it with a current `kd-cache build`")
+                             f"rebuild it with a current `kd-cache build` (gradients need the default --grads)")
+
+    def array(self, name: str) -> zarr.Array:
+        """The array, once checked to have every chunk (a missing chunk would read back as zeros)."""
+        self.require([name])
+        array = self.group[name]
+        if name not in self._checked:
+            if array.nchunks_initialized != array.nchunks:
+                raise CacheError(f"cache {self.path}: array {name} has {array.nchunks_initialized} of its "
+                                 f"{array.nchunks} chunk files; the store is damaged: rebuild it with "
+                                 f"`kd-cache build --overwrite`")
+            self._checked.add(name)
+        return array
 
     def load(self, name: str) -> np.ndarray:
-        """A whole array in memory (zarr reads its chunks in parallel; never row by row)."""
-        self.require([name])
-        data = self.group[name][...]
-        return data.astype(object).astype(str) if data.dtype.kind == "T" else data  # StringDType -> fixed str
+        """A whole array in memory, as stored (zarr reads its chunks in parallel; never row by row)."""
+        array = self.array(name)
+        return read_chunked(array, 0, array.shape[0], f"cache {self.path}")
+
+    def rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Some rows of an array, as stored, reading only the chunks that hold them."""
+        return ChunkedRows(self.array(name), max_chunks=1, what=f"cache {self.path}").take(np.asarray(rows))
+
+    def index(self) -> CorpusIndex:
+        return read_index(self.group["index"])
+
+    def to_float(self, name: str, stored: np.ndarray) -> np.ndarray:
+        """float32 targets from stored rows: gradients unscaled, int8 embeddings re-normalised."""
+        if name.endswith("_grad"):
+            return stored.astype(np.float32) / np.float32(self.attrs["grad_scale"])
+        return dequantize(stored)
+
+
+def quantize(emb: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored form of L2-normalised embeddings: a cast, or for int8 each row scaled to ±127 at its largest entry
+    (the norm is restored on reading, so no scale is stored)."""
+    if dtype != "int8":
+        return emb.astype(DTYPES[dtype])
+    peak = np.abs(emb).max(axis=-1, keepdims=True)
+    return np.round(emb * (127 / np.where(peak > 0, peak, 1))).astype(np.int8)
+
+
+def dequantize(stored: np.ndarray) -> np.ndarray:
+    """float32 embeddings from stored rows (int8 rows re-normalised to unit length; zero rows stay zero)."""
+    out = stored.astype(np.float32)
+    if stored.dtype == np.int8:
+        norm = np.linalg.norm(out, axis=-1, keepdims=True)
+        out /= np.where(norm > 0, norm, 1)
+    return out
 
 
 def join_to_cache(corpus: Corpus, cache: CacheStore) -> np.ndarray:
-    """Cache row of every corpus row, by shard identity (name, size, count) and key; refuses other data."""
-    shards = cache.load("shard_names")
-    first = cache.load("shard_first_row")
-    counts, sizes = cache.load("shard_count"), cache.load("shard_size")
-    where = {str(name): i for i, name in enumerate(shards)}
-    keys = cache.load("keys")
+    """Cache row of every corpus row, by shard identity (name, size, count) and keys; refuses other data."""
+    stored = cache.index()
+    where = {name: i for i, name in enumerate(stored.names)}
     rows = np.empty(corpus.num_samples, dtype=np.int64)
-    for shard, start in zip(corpus.shards, corpus.first_rows):
-        i = where.get(shard.name)
+    mine = corpus.index
+    for shard, (name, start) in enumerate(zip(mine.names, mine.first_rows)):
+        i = where.get(name)
+        url = mine.urls[shard]
         if i is None:
-            raise CacheError(f"shard {shard.path} is not in cache {cache.path} (built from "
-                             f"{len(shards)} shards {shards[0]}..{shards[-1]}): build a cache for this data")
-        if counts[i] != len(shard.keys) or sizes[i] != shard.size:
-            raise CacheError(f"shard {shard.path} differs from the one cache {cache.path} was built from "
-                             f"({len(shard.keys)} samples / {shard.size} bytes, cache has {counts[i]} / {sizes[i]}): "
-                             f"rebuild the cache")
-        span = np.arange(first[i], first[i] + counts[i])
-        if not np.array_equal(keys[span].astype(str), np.array(shard.keys, dtype=str)):
-            raise CacheError(f"shard {shard.path}: keys differ from cache {cache.path}: rebuild the cache")
-        rows[start:start + len(shard.keys)] = span
+            raise CacheError(f"shard {url} is not in cache {cache.path} (built from {len(stored.names)} shards "
+                             f"{stored.names[0]}..{stored.names[-1]}): build a cache for this data")
+        count, size = int(mine.counts[shard]), int(mine.sizes[shard])
+        if count != stored.counts[i] or size != stored.sizes[i]:
+            raise CacheError(f"shard {url} differs from the one cache {cache.path} was built from ({count} samples"
+                             f" / {size} bytes, cache has {stored.counts[i]} / {stored.sizes[i]}): rebuild the cache")
+        (a_bytes, a_len), (b_bytes, b_len) = mine.shard_key_bytes(shard), stored.shard_key_bytes(i)
+        if not (np.array_equal(a_len, b_len) and np.array_equal(a_bytes, b_bytes)):
+            raise CacheError(f"shard {url}: keys differ from cache {cache.path}: rebuild the cache")
+        rows[start:start + count] = np.arange(stored.first_rows[i], stored.first_rows[i] + count)
     return rows
 
 
@@ -164,8 +260,8 @@ class ChunkedRows:
     a window of nearby rows (shard order + shuffle buffer) mostly hit chunks already in memory.
     Same call as numpy's `array.take(rows, axis=0)`, so in-memory and chunked targets are used alike."""
 
-    def __init__(self, array: zarr.Array, max_chunks: int):
-        self.array, self.max_chunks = array, max(1, max_chunks)
+    def __init__(self, array: zarr.Array, max_chunks: int, what: str = "cache"):
+        self.array, self.max_chunks, self.what = array, max(1, max_chunks), what
         self.chunk_rows = array.chunks[0]
         self.chunks: OrderedDict[int, np.ndarray] = OrderedDict()
         self.chunk_reads = 0
@@ -185,7 +281,7 @@ class ChunkedRows:
             self.chunks.move_to_end(number)
         else:
             start = number * self.chunk_rows
-            self.chunks[number] = self.array[start:start + self.chunk_rows]
+            self.chunks[number] = read_chunked(self.array, start, start + self.chunk_rows, self.what)
             self.chunk_reads += 1
             if len(self.chunks) > self.max_chunks:
                 self.chunks.popitem(last=False)
@@ -201,4 +297,3 @@ class ChunkedRows:
             mask = chunk_of == number
             out[mask] = self._chunk(int(number))[rows[mask] - number * self.chunk_rows]
         return out
-

@@ -1,19 +1,22 @@
 """The one corpus reader: webdataset shards (img2dataset layout) -> samples that carry their identity.
 
-A corpus is a list of tar shards. `Corpus.open(spec)` indexes the shards once (tar headers only, grouped into
-samples by webdataset's key rule: keys, and where each member's bytes lie), which fixes the row of every sample:
-rows follow shard order, then order inside the shard. Rows never shift: a sample that cannot be decoded still has
-its row (marked invalid).
+A corpus is a list of tar shards, local or remote (any fsspec URL, or `pipe:CMD`; see storage.py).
+`Corpus.open(spec)` loads the corpus index (index.py: flat arrays, built once and kept beside the store or as a
+sidecar), which fixes the row of every sample: rows follow shard order, then order inside the shard. Rows never
+shift: a sample that cannot be decoded still has its row (marked invalid).
 
-Reading a sample is a seek and a read per member from that index: any row or row range is read without parsing
-the tar again (build blocks, resume, rank splits, the training loader's shuffled rows).
+Reading is by byte ranges from the index: a range of rows is one ranged read per shard (the build's blocks,
+evaluation batches), a set of rows is one ranged read per sample, grouped by shard (the training loader's
+shuffled rows), never a second parse of the tar.
 """
 from __future__ import annotations
 
+import logging
 import os
+import re
 import tarfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from functools import cached_property
 from typing import Iterator, Sequence
 
 import braceexpand
@@ -21,69 +24,49 @@ import numpy as np
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
+from common import dist
 from common.decode import decode_sample
+from common.index import CorpusIndex, assemble, load_sidecar, save_sidecar, skipped_member, span_members
+from common.storage import RangeReader, StorageError, basename, list_tars, stat_many
 
+log = logging.getLogger("kd-corpus")
 ON_ERROR_CHOICES = ("raise", "skip")
+MAX_READ_BYTES = 32 << 20  # one ranged read covers consecutive samples up to this many bytes
 
 
 class CorpusError(ValueError):
     """A shard spec, shard or sample that cannot be read, naming the shard and key at fault."""
 
 
-def expand_spec(spec: str | Sequence[str]) -> list[Path]:
-    """Shard paths from a spec: brace patterns (`shards/{00000..00099}.tar`), directories (their *.tar, sorted),
-    files, lists of any of these (a Python list or '::'-separated, as webdataset writes them)."""
+def natural_key(text: str) -> list:
+    """Sort key that orders numbers by value: 2.tar before 10.tar."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def expand_spec(spec: str | Sequence[str]) -> list[str]:
+    """Shard locations from a spec: brace patterns (`shards/{00000..00099}.tar`, `s3://b/cc3m/{0..331}.tar`),
+    directories or prefixes (their *.tar, in natural order), files, `pipe:CMD`, and lists of any of these (a
+    Python list or '::'-separated, as webdataset writes them)."""
     parts = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
     parts = [p for part in parts for p in str(part).split("::") if p]
-    paths: list[Path] = []
+    urls: list[str] = []
     for part in parts:
         for item in braceexpand.braceexpand(part):
-            path = Path(item)
-            if path.is_dir():
-                found = sorted(path.glob("*.tar"))
-                if not found:
-                    raise CorpusError(f"data spec {part!r}: directory {path} holds no .tar shard")
-                paths.extend(found)
-            elif path.is_file():
-                paths.append(path)
+            try:
+                listed = list_tars(item)
+            except StorageError as e:
+                raise CorpusError(f"data spec {part!r}: {e}") from e
+            if listed is None:
+                urls.append(item)
+            elif listed:
+                urls.extend(sorted(listed, key=natural_key))
             else:
-                raise CorpusError(f"data spec {part!r}: shard {path} does not exist")
-    if not paths:
+                raise CorpusError(f"data spec {part!r}: directory {item} holds no .tar shard")
+    if not urls:
         raise CorpusError(f"data spec {spec!r} matches no shard")
-    if len(set(paths)) != len(paths):
+    if len(set(urls)) != len(urls):
         raise CorpusError(f"data spec {spec!r} names a shard twice")
-    return paths
-
-
-@dataclass(frozen=True)
-class ShardIndex:
-    """One shard's samples in order: keys, and for each sample its members as (extension, data offset, size)."""
-    path: str
-    name: str
-    size: int
-    keys: tuple[str, ...]
-    members: tuple[tuple[tuple[str, int, int], ...], ...]
-    error: str | None = None  # set when the tar is corrupt: samples after the damage are not indexed
-
-    @staticmethod
-    def scan(path: Path) -> "ShardIndex":
-        keys: list[str] = []
-        members: list[list[tuple[str, int, int]]] = []
-        error = None
-        try:
-            with tarfile.open(path, mode="r:") as tar:
-                for member in tar:
-                    key, ext = base_plus_ext(member.name)
-                    if not member.isreg() or key is None or os.path.basename(member.name).startswith("__"):
-                        continue
-                    if not keys or keys[-1] != key:
-                        keys.append(key)
-                        members.append([])
-                    members[-1].append((ext.lower(), member.offset_data, member.size))
-        except (tarfile.TarError, EOFError, OSError) as e:
-            error = f"corrupt tar after {len(keys)} samples: {e}"
-        return ShardIndex(str(path), path.name, path.stat().st_size, tuple(keys),
-                          tuple(tuple(m) for m in members), error)
+    return urls
 
 
 @dataclass
@@ -107,90 +90,133 @@ class Sample:
 class Corpus:
     """Indexed shards with a fixed row for every sample."""
 
-    def __init__(self, shards: list[ShardIndex], spec: str = ""):
+    def __init__(self, index: CorpusIndex, spec: str = ""):
         self.spec = spec
-        self.shards = shards
-        counts = np.array([len(s.keys) for s in shards], dtype=np.int64)
-        self.first_rows = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        self.counts = counts
-        self.num_samples = int(counts.sum())
+        self.index = index
+        self.first_rows, self.counts = index.first_rows, index.counts
+        self.num_samples = index.num_samples
+        self.reader = RangeReader()
 
     @classmethod
-    def open(cls, spec: str | Sequence[str], on_error: str = "raise") -> "Corpus":
+    def open(cls, spec: str | Sequence[str], on_error: str = "raise",
+             known: Sequence[CorpusIndex] = ()) -> "Corpus":
+        """Index of the shards from `known` indexes (a store's) or the sidecar where their size and version still
+        match, scanning the rest (and saving the sidecar when anything was scanned)."""
         if on_error not in ON_ERROR_CHOICES:
             raise CorpusError(f"--on-error {on_error!r}: choose one of {ON_ERROR_CHOICES}")
-        shards = [ShardIndex.scan(p) for p in expand_spec(spec)]
-        for shard in shards:
-            if shard.error and on_error == "raise":
-                raise CorpusError(f"shard {shard.path}: {shard.error}. Repair or remove the shard, "
-                                  f"or pass --on-error skip to use the samples before the damage")
-        names = [s.name for s in shards]
+        urls = expand_spec(spec)
+        names = [basename(u) for u in urls]
         if len(set(names)) != len(names):  # shard identity is its file name (provenance survives moving data)
             raise CorpusError(f"data spec {spec!r}: two shards share a file name; give each shard a unique name")
-        corpus = cls(shards, spec if isinstance(spec, str) else "::".join(map(str, spec)))
+        try:
+            stats = stat_many(urls)
+            sidecar = load_sidecar(urls)
+            index, scanned = assemble(urls, names, stats, list(known) + ([sidecar] if sidecar else []))
+        except StorageError as e:
+            raise CorpusError(str(e)) from e
+        if scanned:
+            log.info("indexed %d of %d shards (%d samples in all)", scanned, len(urls), index.num_samples)
+            if os.environ.get("LOCAL_RANK", "0") == "0":
+                try:
+                    save_sidecar(index)
+                except OSError as e:
+                    log.warning("could not save the corpus index sidecar (%s): the next start indexes again", e)
+            dist.barrier()
+        for url, error in zip(index.urls, index.errors):
+            if error and on_error == "raise":
+                raise CorpusError(f"shard {url}: {error}. Repair or remove the shard, "
+                                  f"or pass --on-error skip to use the samples before the damage")
+        corpus = cls(index, spec if isinstance(spec, str) else "::".join(map(str, spec)))
         if corpus.num_samples == 0:
             raise CorpusError(f"data spec {spec!r}: the shards hold no sample")
         return corpus
 
-    @property
+    @cached_property
     def keys(self) -> np.ndarray:
-        return np.array([k for s in self.shards for k in s.keys], dtype=object)
+        """Every row's key (N Python strings: for small corpora and reports, not the hot path)."""
+        return np.array(self.index.keys(), dtype=str)
+
+    @property
+    def shard_names(self) -> list[str]:
+        return self.index.names
 
     @property
     def errors(self) -> list[str]:
-        return [f"{s.path}: {s.error}" for s in self.shards if s.error]
+        return [f"{url}: {error}" for url, error in zip(self.index.urls, self.index.errors) if error]
 
     def description(self) -> dict:
         """What identifies the corpus for provenance: shard names, byte sizes and sample counts."""
         return {
             "num_samples": self.num_samples,
-            "shards": [{"name": s.name, "size": s.size, "count": len(s.keys)} for s in self.shards],
+            "shards": [{"name": n, "size": int(s), "count": int(c)}
+                       for n, s, c in zip(self.index.names, self.index.sizes, self.index.counts)],
         }
 
     def locate(self, row: int) -> tuple[int, int]:
         """(shard number, index in shard) of a row."""
-        shard = int(np.searchsorted(self.first_rows, row, side="right") - 1)
+        shard = int(self.index.shard_of(np.array([row]))[0])
         return shard, row - int(self.first_rows[shard])
 
     def read(self, start: int = 0, stop: int | None = None, on_error: str = "raise") -> Iterator[Sample]:
-        """Samples of rows [start, stop) in row order. A bad sample raises CorpusError naming shard and key, or,
-        with on_error='skip', comes back with `error` set and no image."""
+        """Samples of rows [start, stop) in row order, from ranged reads of consecutive samples. A bad sample
+        raises CorpusError naming shard and key, or, with on_error='skip', comes back with `error` set."""
         stop = self.num_samples if stop is None else stop
         row = start
         while row < stop:
-            shard_no, index = self.locate(row)
-            shard = self.shards[shard_no]
-            n = min(stop - row, len(shard.keys) - index)
-            yield from self._read_shard(shard, int(self.first_rows[shard_no]), index, index + n, on_error)
-            row += n
+            shard, _ = self.locate(row)
+            rows = np.arange(row, min(stop, int(self.first_rows[shard] + self.counts[shard])))
+            begins, ends = self.index.spans(rows)
+            i = 0
+            while i < len(rows):  # consecutive samples of one shard, up to MAX_READ_BYTES per read
+                j = min(len(rows), i + max(1, int(np.searchsorted(ends[i:], begins[i] + MAX_READ_BYTES, "right"))))
+                [blob] = self.reader.read(self.index.urls[shard], [int(begins[i])], [int(ends[j - 1])])
+                for k in range(i, j):
+                    part = blob[begins[k] - begins[i]:ends[k] - begins[i]]
+                    yield self._sample(int(rows[k]), shard, part, int(ends[k] - begins[k]), on_error)
+                i = j
+            row = int(rows[-1]) + 1
 
-    def _read_shard(self, shard: ShardIndex, first_row: int, begin: int, end: int, on_error: str) -> Iterator[Sample]:
-        with open(shard.path, "rb") as stream:
-            for index in range(begin, end):
-                key = shard.keys[index]
-                try:
-                    raw = {"__key__": key}
-                    for ext, offset, size in shard.members[index]:
-                        stream.seek(offset)
-                        raw[ext] = stream.read(size)
-                        if len(raw[ext]) != size:
-                            raise EOFError(f"{key}.{ext} is cut short ({len(raw[ext])} of {size} bytes)")
-                except (OSError, EOFError) as e:
-                    if on_error == "raise":
-                        raise CorpusError(f"shard {shard.path}, key {key}: tar read error: {e}. Repair or remove "
-                                          f"the shard, or pass --on-error skip") from e
-                    yield Sample(first_row + index, shard.name, index, key, error=f"tar read error: {e}")
+    def read_rows(self, rows: np.ndarray, on_error: str = "raise") -> list[Sample]:
+        """Samples of any rows (in the order given): one ranged read per sample, one request batch per shard."""
+        rows = np.asarray(rows, dtype=np.int64)
+        begins, ends = self.index.spans(rows)
+        shards = self.index.shard_of(rows)
+        out: list[Sample | None] = [None] * len(rows)
+        for shard in np.unique(shards):
+            where = np.flatnonzero(shards == shard)
+            blobs = self.reader.read(self.index.urls[shard], begins[where].tolist(), ends[where].tolist())
+            for i, blob in zip(where, blobs):
+                out[i] = self._sample(int(rows[i]), int(shard), blob, ends[i] - begins[i], on_error)
+        return out
+
+    def _sample(self, row: int, shard: int, blob: bytes, expected: int, on_error: str) -> Sample:
+        url = self.index.urls[shard]
+        index = row - int(self.first_rows[shard])
+        key = self.index.key(row)
+        sample = Sample(row, self.index.names[shard], index, key)
+        try:
+            if len(blob) != expected:
+                raise EOFError(f"cut short ({len(blob)} of {expected} bytes)")
+            raw = {"__key__": key}
+            for name, regular, data in span_members(blob):
+                member_key, ext = base_plus_ext(name)
+                if skipped_member(name, member_key, regular):
                     continue
-                yield self._decoded(shard, first_row, index, key, raw, on_error)
-
-    @staticmethod
-    def _decoded(shard: ShardIndex, first_row: int, index: int, key: str, raw: dict, on_error: str) -> Sample:
-        sample = Sample(first_row + index, shard.name, index, key)
+                if member_key != key:
+                    raise EOFError(f"member {name} where the index has key {key}: the shard changed since it was "
+                                   f"indexed")
+                raw[ext.lower()] = data
+        except (OSError, EOFError, ValueError, tarfile.TarError) as e:
+            if isinstance(e, StorageError) or on_error == "raise":
+                raise CorpusError(f"shard {url}, key {key}: tar read error: {e}. Repair or remove the shard, "
+                                  f"or pass --on-error skip") from e
+            sample.error = f"tar read error: {e}"
+            return sample
         try:
             sample.image, sample.captions, sample.meta = decode_sample(raw)
         except ValueError as e:
             if on_error == "raise":
-                raise CorpusError(f"shard {shard.path}, key {key}: {e}. Fix the sample, "
+                raise CorpusError(f"shard {url}, key {key}: {e}. Fix the sample, "
                                   f"or pass --on-error skip to record it as an invalid row") from e
             sample.error = str(e)
         return sample

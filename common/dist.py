@@ -58,3 +58,8 @@ def gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     from torch.distributed.nn.functional import all_gather
     return torch.cat(all_gather(tensor), dim=0)
 
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of an initialised process group, else (0, 1)."""
+    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from common.cache import CacheStore, join_to_cache
+from common.cache import CacheStore, dequantize, join_to_cache
 from common.corpus import Corpus, Sample
 from common.models import LoadedCLIP
 from common.zeroshot import build_classifier
@@ -133,12 +133,10 @@ def cache_split(cache: CacheStore, corpus: Corpus) -> EncodedSplit:
     rows = rows[valid]
     if not len(rows):
         raise ValueError(f"cache {cache.path}: every row of data {corpus.spec!r} is invalid")
-    image = cache.group["image_emb"]
-    # with views, read the clean view only: (N, D) in memory instead of (N, 1+K, D)
-    image_emb = image[:, 0] if image.ndim == 3 else image[...]
+    image = cache.rows("image_emb", rows)
     return EncodedSplit(
-        image_emb=image_emb[rows].astype(np.float32),
-        text_emb=cache.load("text_emb")[rows].astype(np.float32),
+        image_emb=dequantize(image[:, 0] if image.ndim == 3 else image),  # the clean view
+        text_emb=dequantize(cache.rows("text_emb", rows)),
         text_to_image=np.arange(len(rows)),
         keys=corpus.keys[valid],
         labels=None,

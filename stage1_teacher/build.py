@@ -1,13 +1,16 @@
 """`kd-cache build`: run the teacher once over the corpus and write its targets into a Zarr store.
 
-Work is cut into blocks of `chunk_rows` corpus rows, one Zarr chunk each, processed as fixed batches of
-`batch_size` rows inside the block. Blocks make the build:
-- resumable: a block's data is written before its `blocks_done` marker, so a killed build redoes at most the
-  blocks in flight, and re-running the same command gives a store bit-identical to an uninterrupted build;
-- splittable: torchrun ranks take disjoint blocks (disjoint chunk files: no write races), and every batch has the
-  same rows whatever the number of ranks, so the store equals the single-process one.
-Gradients need whole gradient batches drawn from all rows, so they are a last phase on rank 0, computed from the
-stored (dtype-rounded) embeddings so that stage two can recompute them exactly.
+Work is cut into blocks of `chunk_rows` corpus rows (one Zarr chunk each), and blocks into **windows** of
+`window_blocks` blocks drawn from a seeded shuffle of all blocks. A window is the unit of work:
+- its samples are decoded and embedded in fixed batches of `batch_size` rows inside each block (the same batches
+  whatever the number of ranks, so the store equals the single-process one);
+- its teacher gradients are computed at once, on the teacher's device, over gradient batches drawn from a seeded
+  permutation of the window's valid rows: memory per rank is one window, not the corpus, and no rank waits for
+  a serial gradient phase;
+- its data is written before its blocks' `blocks_done` markers, so a killed build redoes at most the windows in
+  flight and re-running the same command gives a store bit-identical to an uninterrupted build;
+- torchrun ranks take disjoint windows, i.e. disjoint chunk files: no write races, on disk or object storage.
+Gradients are computed from the stored (dtype-rounded) embeddings, so stage two can recompute them exactly.
 """
 from __future__ import annotations
 
@@ -15,7 +18,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,13 +26,16 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from common import dist
-from common.cache import CHUNK_ROWS, DTYPES, FORMAT_VERSION, CacheError, create_store, provenance_diff, remove_store
+from common.cache import (CHUNK_ROWS, DTYPES, FORMAT_VERSION, CacheError, create_store, dequantize, grad_slots,
+                          open_group, provenance_diff, quantize, store_index)
 from common.contrastive import clip_loss_grads
 from common.corpus import Corpus
 from common.models import LoadedCLIP, create_clip
+from common.storage import exists, join, remove_tree
 from common.views import CLEAN_VIEW, DEFAULT_SCALE, keyed_view, render, views_to_arrays
 
 log = logging.getLogger("kd-cache")
+WINDOW_ROWS = 8192  # default rows per gradient window (rounded up to whole blocks)
 
 
 @dataclass
@@ -50,6 +55,8 @@ class BuildOptions:
     seed: int = 0
     chunk_rows: int = CHUNK_ROWS
     view_scale: tuple[float, float] = DEFAULT_SCALE
+    grads: bool = True
+    window_blocks: int = 0  # 0: enough blocks for WINDOW_ROWS rows and at least one gradient batch
 
     def check(self) -> None:
         for name in ("batch_size", "grad_batch", "chunk_rows"):
@@ -59,8 +66,14 @@ class BuildOptions:
             raise ValueError("--grad-batch must be >= 2: a contrastive loss needs negatives")
         if self.views < 0:
             raise ValueError(f"--views must be >= 0, got {self.views}")
+        if self.window_blocks < 0:
+            raise ValueError(f"--window-blocks must be >= 0, got {self.window_blocks}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r}: choose one of {sorted(DTYPES)}")
+
+    @property
+    def blocks_per_window(self) -> int:
+        return self.window_blocks or max(1, math.ceil(max(WINDOW_ROWS, self.grad_batch) / self.chunk_rows))
 
 
 def store_attrs(opts: BuildOptions, teacher: LoadedCLIP, corpus: Corpus) -> dict:
@@ -72,15 +85,33 @@ def store_attrs(opts: BuildOptions, teacher: LoadedCLIP, corpus: Corpus) -> dict
         "build": {
             "dtype": opts.dtype, "views": opts.views, "seed": opts.seed, "grad_batch": opts.grad_batch,
             "batch_size": opts.batch_size, "chunk_rows": opts.chunk_rows, "view_scale": list(opts.view_scale),
-            "caption": "first line of <key>.txt",
+            "caption": "first line of <key>.txt", "grads": opts.grads, "window_blocks": opts.blocks_per_window,
         },
         "embed_dim": teacher.embed_dim,
         "teacher_logit_scale": teacher.logit_scale,
+        "grad_scale": opts.grad_batch / teacher.logit_scale if opts.grads else None,
     }
 
 
+def window_blocks(n_blocks: int, per_window: int, seed: int) -> list[np.ndarray]:
+    """The blocks of each window: consecutive groups of a seeded shuffle of all blocks (sorted inside a window,
+    for read locality). Gradient batches mix rows from anywhere in the corpus, not one shard's stretch."""
+    order = np.random.default_rng([seed, 0x6B64]).permutation(n_blocks)
+    return [np.sort(order[i:i + per_window]) for i in range(0, n_blocks, per_window)]
+
+
+def window_grad_batches(rows: np.ndarray, valid: np.ndarray, grad_batch: int, slots: int, seed: int,
+                        window: int) -> np.ndarray:
+    """(slots, grad_batch) rows of a window's gradient batches: a seeded permutation of its valid rows, cut in
+    order; the last, shorter batch and unused slots are padded with -1."""
+    chosen = np.random.default_rng([seed, window]).permutation(rows[valid])
+    batches = np.full((slots, grad_batch), -1, dtype=np.int64)
+    batches.flat[:len(chosen)] = chosen
+    return batches
+
+
 class BlockBatches(IterableDataset):
-    """DataLoader side: decodes a block's samples and renders every view for the teacher, batch by batch."""
+    """DataLoader side: decodes blocks' samples and renders every view for the teacher, batch by batch."""
 
     def __init__(self, corpus: Corpus, blocks: list[int], opts: BuildOptions, teacher: LoadedCLIP):
         self.corpus, self.blocks, self.opts = corpus, blocks, opts
@@ -98,98 +129,135 @@ class BlockBatches(IterableDataset):
             n_batches = math.ceil((stop - start) / self.opts.batch_size)
             samples = self.corpus.read(start, stop, self.opts.on_error)
             for number in range(n_batches):
-                batch = [next(samples) for _ in range(min(self.opts.batch_size, stop - start - number * self.opts.batch_size))]
-                yield self.collate(block, number, n_batches, batch)
+                size = min(self.opts.batch_size, stop - start - number * self.opts.batch_size)
+                yield self.collate(block, n_batches, [next(samples) for _ in range(size)])
 
-    def collate(self, block: int, number: int, n_batches: int, samples) -> dict:
-        ok = [s for s in samples if s.error is None]
-        views = lambda s: [CLEAN_VIEW] + [keyed_view(self.opts.seed, s.key, v, scale=self.opts.view_scale)  # noqa: E731
-                                          for v in range(1, self.opts.views + 1)]
-        images = torch.stack([torch.stack([render(s.image, v, self.preprocess) for v in views(s)]) for s in ok]) \
+    def views(self, key: str) -> list:
+        return [CLEAN_VIEW] + [keyed_view(self.opts.seed, key, v, scale=self.opts.view_scale)
+                               for v in range(1, self.opts.views + 1)]
+
+    def collate(self, block: int, n_batches: int, samples) -> dict:
+        views = [self.views(s.key) for s in samples]
+        ok = [(s, v) for s, v in zip(samples, views) if s.error is None]
+        images = torch.stack([torch.stack([render(s.image, view, self.preprocess) for view in vs]) for s, vs in ok]) \
             if ok else torch.empty(0)
+        boxes, flips = views_to_arrays([vs[1:] for vs in views])
         return {
-            "block": block, "number": number, "n_batches": n_batches,
+            "block": block, "n_batches": n_batches,
             "rows": np.array([s.row for s in samples]),
             "valid": np.array([s.error is None for s in samples]),
+            "boxes": boxes, "flips": flips,
             "images": images,
-            "tokens": self.tokenizer([s.caption for s in ok]) if ok else torch.empty(0, dtype=torch.long),
+            "tokens": self.tokenizer([s.caption for s, _ in ok]) if ok else torch.empty(0, dtype=torch.long),
             "errors": [f"{s.shard}/{s.key}: {s.error}" for s in samples if s.error],
         }
 
 
-class BlockWriter:
-    """Main-process side: gathers a block's batches (they arrive interleaved across workers) and writes it whole."""
+class WindowWriter:
+    """Main-process side: gathers each window's batches (they arrive interleaved across workers), and once a window
+    is whole computes its gradients and writes it."""
 
-    def __init__(self, group: zarr.Group, opts: BuildOptions, embed_dim: int):
-        self.group, self.opts, self.embed_dim = group, opts, embed_dim
-        self.pending: dict[int, dict] = {}
-        self.dtype = np.dtype(DTYPES[opts.dtype])
+    def __init__(self, group: zarr.Group, opts: BuildOptions, embed_dim: int, scale: float, grad_scale: float | None,
+                 windows: dict[int, np.ndarray], device: str):
+        self.group, self.opts, self.embed_dim, self.device = group, opts, embed_dim, device
+        self.scale, self.grad_scale = scale, grad_scale
+        self.window_of = {int(b): w for w, blocks in windows.items() for b in blocks}
+        self.windows = windows
+        self.blocks: dict[int, dict] = {}
+        self.blocks_complete: dict[int, int] = {}
+        self.num_rows = group["valid"].shape[0]
+        self.slots = grad_slots(opts.blocks_per_window * opts.chunk_rows, opts.grad_batch)
 
-    def add(self, batch: dict, image_emb: np.ndarray, text_emb: np.ndarray) -> bool:
+    @property
+    def pending(self) -> list[int]:
+        return sorted(self.blocks)
+
+    def add(self, batch: dict, image_emb: np.ndarray | None, text_emb: np.ndarray | None) -> None:
         block = batch["block"]
         start = block * self.opts.chunk_rows
-        if block not in self.pending:
-            n = min(self.opts.chunk_rows, self.group["valid"].shape[0] - start)
-            self.pending[block] = {
-                "image": np.zeros((n, 1 + self.opts.views, self.embed_dim), self.dtype),
-                "text": np.zeros((n, self.embed_dim), self.dtype),
-                "valid": np.zeros(n, bool), "seen": 0,
+        if block not in self.blocks:
+            n = min(self.opts.chunk_rows, self.num_rows - start)
+            self.blocks[block] = {
+                "image": np.zeros((n, 1 + self.opts.views, self.embed_dim), np.float32),
+                "text": np.zeros((n, self.embed_dim), np.float32), "valid": np.zeros(n, bool),
+                "boxes": np.zeros((n, self.opts.views, 4)), "flips": np.zeros((n, self.opts.views), bool),
+                "seen": 0, "n_batches": batch["n_batches"],
             }
-        buf = self.pending[block]
-        local = batch["rows"][batch["valid"]] - start
-        if len(local):
-            buf["image"][local] = image_emb
-            buf["text"][local] = text_emb
-        buf["valid"][batch["rows"] - start] = batch["valid"]
+        buf = self.blocks[block]
+        local = batch["rows"] - start
+        if batch["valid"].any():
+            buf["image"][local[batch["valid"]]] = image_emb
+            buf["text"][local[batch["valid"]]] = text_emb
+        buf["valid"][local] = batch["valid"]
+        buf["boxes"][local], buf["flips"][local] = batch["boxes"], batch["flips"]
         buf["seen"] += 1
-        if buf["seen"] < batch["n_batches"]:
-            return False
-        self.write(block, self.pending.pop(block))
-        return True
+        if buf["seen"] < buf["n_batches"]:
+            return
+        window = self.window_of[block]
+        self.blocks_complete[window] = self.blocks_complete.get(window, 0) + 1
+        if self.blocks_complete[window] == len(self.windows[window]):
+            del self.blocks_complete[window]
+            self.write(window, [self.blocks.pop(int(b)) for b in self.windows[window]])
 
-    def write(self, block: int, buf: dict) -> None:
-        start = block * self.opts.chunk_rows
-        stop = start + len(buf["valid"])
-        self.group["image_emb"][start:stop] = buf["image"] if self.opts.views else buf["image"][:, 0]
-        self.group["text_emb"][start:stop] = buf["text"]
-        self.group["valid"][start:stop] = buf["valid"]
-        self.group["blocks_done"][block] = True  # last: a block is done only once its data is on disk
+    def write(self, window: int, bufs: list[dict]) -> None:
+        blocks = self.windows[window]
+        dtype = self.opts.dtype
+        stored_image = [quantize(b["image"], dtype) for b in bufs]
+        stored_text = [quantize(b["text"], dtype) for b in bufs]
+        g = self.group
+        grads = self.gradients(window, blocks, bufs, stored_image, stored_text) if self.opts.grads else None
+        for i, (block, buf) in enumerate(zip(blocks, bufs)):
+            start = int(block) * self.opts.chunk_rows
+            stop = start + len(buf["valid"])
+            g["image_emb"][start:stop] = stored_image[i] if self.opts.views else stored_image[i][:, 0]
+            g["text_emb"][start:stop] = stored_text[i]
+            g["valid"][start:stop] = buf["valid"]
+            if self.opts.views:
+                g["view_boxes"][start:stop], g["view_flips"][start:stop] = buf["boxes"], buf["flips"]
+            if grads is not None:
+                g["image_grad"][start:stop], g["text_grad"][start:stop] = grads[0][i], grads[1][i]
+        for block in blocks:  # last: a block is done only once its window's data is on disk
+            g["blocks_done"][int(block)] = True
+
+    def gradients(self, window: int, blocks, bufs, stored_image, stored_text):
+        """Teacher gradients of the symmetric CLIP loss over the window's gradient batches, from the stored values,
+        written as g * grad_scale in fp16 (O(1) values). Also writes the window's chunk of `grad_batches`."""
+        rows = np.concatenate([int(b) * self.opts.chunk_rows + np.arange(len(buf["valid"]))
+                               for b, buf in zip(blocks, bufs)])
+        valid = np.concatenate([buf["valid"] for buf in bufs])
+        batches = window_grad_batches(rows, valid, self.opts.grad_batch, self.slots, self.opts.seed, window)
+        image = torch.from_numpy(dequantize(np.concatenate(stored_image)[:, 0])).to(self.device)
+        text = torch.from_numpy(dequantize(np.concatenate(stored_text))).to(self.device)
+        image_grad, text_grad = torch.zeros_like(image), torch.zeros_like(text)
+        for batch in batches:  # rows ascend (sorted blocks), so a row's position is a binary search away
+            idx = torch.from_numpy(np.searchsorted(rows, batch[batch >= 0])).to(self.device)
+            if len(idx):
+                image_grad[idx], text_grad[idx] = clip_loss_grads(image[idx], text[idx], self.scale)
+        self.group["grad_batches"][window * self.slots:(window + 1) * self.slots] = batches
+        cut = np.cumsum([len(buf["valid"]) for buf in bufs])[:-1]
+        to_stored = lambda g: np.split((g * self.grad_scale).cpu().numpy().astype(np.float16), cut)  # noqa: E731
+        return to_stored(image_grad), to_stored(text_grad)
 
 
-def open_or_create(opts: BuildOptions, attrs: dict, corpus: Corpus) -> tuple[zarr.Group | None, str]:
-    """Rank 0: resume a matching store, refuse a different one, or create it. Returns (group, state)."""
-    out = Path(opts.out)
-    if out.exists() and opts.overwrite:
-        remove_store(out)
-    if out.exists() and not (out / "zarr.json").is_file():
-        if any(out.iterdir()):
-            raise CacheError(f"--out {out} exists and is not a Zarr store: choose another path or remove it")
-        out.rmdir()
-    if out.exists():
-        group = zarr.open_group(str(out), mode="r+")
-        stored = dict(group.attrs)
+def open_or_create(opts: BuildOptions, attrs: dict, corpus: Corpus) -> str:
+    """Rank 0: resume a matching store, refuse a different one, or create it. Returns the state."""
+    out = opts.out
+    if opts.overwrite:
+        remove_tree(out)
+    if exists(out) and not exists(join(out, "zarr.json")):
+        raise CacheError(f"--out {out} exists and is not a Zarr store: choose another path or remove it")
+    if exists(out):
+        stored = dict(open_group(out, mode="r+").attrs)
         if stored.get("initialized"):
             diffs = provenance_diff(stored, attrs)
             if diffs:
                 raise CacheError(f"store {out} was built differently:\n  " + "\n  ".join(diffs) +
                                  "\nUse another --out, the original options, or --overwrite to replace it.")
-            return group, "complete" if stored.get("complete") else "resume"
-        remove_store(out)  # killed while being created: nothing of value in it
-    group = create_store(out, attrs, corpus.num_samples, attrs["embed_dim"], opts.views, opts.dtype,
-                         opts.chunk_rows, len(corpus.shards))
-    group["keys"][:] = np.asarray(corpus.keys, dtype=str)
-    group["shard_names"][:] = np.array([s.name for s in corpus.shards], dtype=str)
-    group["shard_first_row"][:] = corpus.first_rows
-    group["shard_count"][:] = corpus.counts
-    group["shard_size"][:] = np.array([s.size for s in corpus.shards], dtype=np.int64)
-    if opts.views:
-        views = [[keyed_view(opts.seed, k, v, scale=opts.view_scale) for v in range(1, opts.views + 1)]
-                 for k in corpus.keys]
-        boxes, flips = views_to_arrays(views)
-        group["view_boxes"][:] = boxes
-        group["view_flips"][:] = flips
+            return "complete" if stored.get("complete") else "resume"
+        remove_tree(out)  # killed while being created: nothing of value in it
+    group = create_store(out, attrs, corpus.index)
     group.attrs["initialized"] = True
-    return group, "new"
+    return "new"
 
 
 def encode_batch(teacher: LoadedCLIP, batch: dict) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -201,38 +269,13 @@ def encode_batch(teacher: LoadedCLIP, batch: dict) -> tuple[np.ndarray | None, n
     return image_emb.numpy(), teacher.embed_texts(tokens).numpy()
 
 
-def compute_gradients(group: zarr.Group, opts: BuildOptions, scale: float) -> None:
-    """Teacher gradients of the symmetric CLIP loss over seeded gradient batches of the valid rows.
-
-    Memory: the clean-view embeddings in their stored dtype plus the fp32 gradients, 12·N·D bytes for fp16
-    stores (each batch is cast to fp32 on its own)."""
-    valid = group["valid"][...]
-    image = group["image_emb"][:, 0] if opts.views else group["image_emb"][...]
-    text = group["text_emb"][...]
-    rows = np.random.default_rng(opts.seed).permutation(np.flatnonzero(valid))
-    n_batches = math.ceil(len(rows) / opts.grad_batch)
-    batches = np.full((n_batches, opts.grad_batch), -1, dtype=np.int64)  # -1 pads the last, shorter batch
-    batches.flat[:len(rows)] = rows
-    image_grad = np.zeros(image.shape, np.float32)
-    text_grad = np.zeros(text.shape, np.float32)
-    for batch in tqdm(batches, desc="gradients", unit="batch", leave=False):
-        idx = batch[batch >= 0]
-        g_img, g_txt = clip_loss_grads(torch.from_numpy(image[idx].astype(np.float32)),
-                                       torch.from_numpy(text[idx].astype(np.float32)), scale)
-        image_grad[idx], text_grad[idx] = g_img.numpy(), g_txt.numpy()
-    if "grad_batches" in group:
-        del group["grad_batches"]
-    group.create_array("grad_batches", data=batches, chunks=(max(1, min(n_batches, 1024)), opts.grad_batch))
-    group["image_grad"][:] = image_grad
-    group["text_grad"][:] = text_grad
-
-
-def build_cache(opts: BuildOptions) -> Path:
+def build_cache(opts: BuildOptions) -> str:
     """Build (or resume) the store at opts.out. Works as a plain process or under torchrun."""
     opts.check()
     rank, world = dist.init_distributed(opts.device)
     device = dist.local_device(opts.device)
-    corpus = Corpus.open(opts.data, on_error=opts.on_error)
+    known = store_index(opts.out) if not opts.overwrite else None  # resume: no shard is scanned again
+    corpus = Corpus.open(opts.data, on_error=opts.on_error, known=[known] if known else [])
     teacher = create_clip(opts.teacher, opts.pretrained, device=device)
     teacher.model.eval()
     attrs = store_attrs(opts, teacher, corpus)
@@ -240,8 +283,7 @@ def build_cache(opts: BuildOptions) -> Path:
     decision: tuple[str, str] = ("ok", "")
     if rank == 0:
         try:
-            _, state = open_or_create(opts, attrs, corpus)
-            decision = ("ok", state)
+            decision = ("ok", open_or_create(opts, attrs, corpus))
         except CacheError as e:
             decision = ("error", str(e))
     decision = dist.broadcast_object(decision)
@@ -249,35 +291,35 @@ def build_cache(opts: BuildOptions) -> Path:
         raise CacheError(decision[1])
     if decision[1] == "complete":
         log.info("store %s is already complete", opts.out)
-        return Path(opts.out)
+        return opts.out
 
     group = zarr.open_group(opts.out, mode="r+")
     done = group["blocks_done"][...]
-    todo = [int(b) for b in np.flatnonzero(~done)]
-    mine = todo[rank::world]
-    dataset = BlockBatches(corpus, mine, opts, teacher)
-    rows_todo = sum(stop - start for start, stop in map(dataset.block_rows, mine))
+    windows = window_blocks(len(done), opts.blocks_per_window, opts.seed)
+    todo = [w for w, blocks in enumerate(windows) if not done[blocks].all()]
+    mine = {w: windows[w] for w in todo[rank::world]}
+    dataset = BlockBatches(corpus, [int(b) for w in mine for b in mine[w]], opts, teacher)
+    rows_todo = sum(stop - start for start, stop in map(dataset.block_rows, dataset.blocks))
     loader = DataLoader(dataset, batch_size=None, num_workers=opts.workers,
                         pin_memory=device.startswith("cuda"), prefetch_factor=4 if opts.workers else None,
                         persistent_workers=False)
-    writer = BlockWriter(group, opts, teacher.embed_dim)
+    writer = WindowWriter(group, opts, teacher.embed_dim, attrs["teacher_logit_scale"], attrs["grad_scale"], mine,
+                          device)
     errors: list[str] = []
     start_time = time.perf_counter()
     with tqdm(total=rows_todo, unit="sample", desc=f"teacher pass (rank {rank})", disable=rank != 0 and world > 1,
               dynamic_ncols=True) as bar:
         for batch in loader:
-            image_emb, text_emb = encode_batch(teacher, batch)
-            writer.add(batch, image_emb, text_emb)
+            writer.add(batch, *encode_batch(teacher, batch))
             errors.extend(batch["errors"])
             bar.update(len(batch["rows"]))
     elapsed = time.perf_counter() - start_time
     if writer.pending:
-        raise RuntimeError(f"blocks {sorted(writer.pending)} did not receive all their batches")
+        raise RuntimeError(f"blocks {writer.pending} did not receive all their batches")
 
     all_errors = [e for part in dist.all_gather_objects(errors) for e in part]
-    dist.barrier()
+    rows_done = sum(dist.all_gather_objects(rows_todo))
     if rank == 0:
-        compute_gradients(group, opts, attrs["teacher_logit_scale"])
         valid = group["valid"][...]
         previous = list(group.attrs.get("invalid_examples", []))
         group.attrs.update({
@@ -288,8 +330,7 @@ def build_cache(opts: BuildOptions) -> Path:
             "complete": True,
         })
         rate = rows_todo / elapsed if elapsed > 0 else float("nan")
-        log.info("wrote %s: %d rows (%d this run at %.1f samples/s), %d invalid", opts.out,
-                 corpus.num_samples, rows_todo, rate, int((~valid).sum()))
+        log.info("wrote %s: %d rows (%d this run, %.1f samples/s on rank 0, %d ranks), %d invalid, %.1f s",
+                 opts.out, corpus.num_samples, rows_done, rate, world, int((~valid).sum()), elapsed)
     dist.barrier()
-    return Path(opts.out)
-
+    return opts.out

@@ -23,7 +23,7 @@ def main(verbose: bool):
 @click.option("--teacher", required=True, help="open_clip model name or path to a model config JSON")
 @click.option("--pretrained", default=None, help="open_clip pretrained tag or local checkpoint path")
 @click.option("--data", required=True, help="shards: brace pattern, directory, or '::'-separated list")
-@click.option("--out", required=True, type=click.Path(), help="the Zarr store to write (or resume)")
+@click.option("--out", required=True, help="the Zarr store to write (or resume): a path or URL (s3://...)")
 @click.option("--batch-size", default=256, show_default=True)
 @click.option("--grad-batch", default=1024, show_default=True, help="rows per gradient batch")
 @click.option("--views", default=0, show_default=True, help="augmented views K stored beside the clean view")
@@ -33,6 +33,10 @@ def main(verbose: bool):
 @click.option("--on-error", type=click.Choice(ON_ERROR_CHOICES), default="raise", show_default=True)
 @click.option("--seed", default=0, show_default=True, help="seeds view crops and gradient batches")
 @click.option("--chunk-rows", default=CHUNK_ROWS, show_default=True, help="rows per Zarr chunk (= work block)")
+@click.option("--grads/--no-grads", default=True, show_default=True,
+              help="store the teacher's contrastive-loss gradients (GD recomputes them exactly without)")
+@click.option("--window-blocks", default=0, show_default=True,
+              help="blocks per gradient window (0: enough for 8192 rows); bounds the build's memory per rank")
 @click.option("--overwrite", is_flag=True, help="replace a store built with other options")
 def build(**kwargs):
     """Run the teacher once over the corpus; resumable, and splits across torchrun ranks."""
@@ -40,7 +44,7 @@ def build(**kwargs):
 
 
 @main.command()
-@click.argument("store", type=click.Path(exists=True))
+@click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 def info(store: str, as_json: bool):
     """Summary of a store: rows, teacher, provenance, size on disk."""
@@ -53,7 +57,7 @@ def info(store: str, as_json: bool):
 
 
 @main.command()
-@click.argument("store", type=click.Path(exists=True))
+@click.argument("store")
 @click.option("--data", required=True, help="the shards the store was built from")
 @click.option("--sample", default=32, show_default=True, help="rows to recompute with the teacher")
 @click.option("--teacher-pretrained", default=None, help="teacher weights, if they moved since the build")

@@ -1,38 +1,43 @@
 """`kd-cache info` and `kd-cache verify`: what a store holds, and whether it is what the teacher computes."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import torch
 
-from common.cache import CacheError, CacheStore, provenance_diff
+from common.cache import CacheError, CacheStore, dequantize, join_to_cache, provenance_diff, read_chunked
 from common.contrastive import clip_loss_grads
 from common.corpus import Corpus
 from common.models import clip_from_provenance
+from common.storage import filesystem
 from common.views import CLEAN_VIEW, render, view_from_arrays
 
 # cosine a recomputed embedding must reach against the stored one
-MIN_COSINE = {"fp16": 0.999, "fp32": 0.99999}
+MIN_COSINE = {"fp16": 0.999, "fp32": 0.99999, "int8": 0.99}
+# largest |norm - 1| of a stored valid embedding row (fp16 rounding moves it by < 1e-3)
+NORM_TOLERANCE = {"fp16": 1e-2, "fp32": 1e-4}
+# largest relative error of stored (fp16, scaled) gradients against a recomputation
+GRAD_TOLERANCE = 2e-3
+PER_ROW = ("image_emb", "text_emb", "valid", "image_grad", "text_grad", "view_boxes", "view_flips")
 
 
-def disk_bytes(path: Path) -> tuple[int, int]:
-    files = [Path(root) / f for root, _, names in os.walk(path) for f in names]
-    return sum(f.stat().st_size for f in files), len(files)
+def disk_bytes(url: str) -> tuple[int, int]:
+    fs, path = filesystem(url)
+    sizes = fs.du(path, total=False)
+    return sum(sizes.values()), len(sizes)
 
 
 def store_summary(path: str) -> dict:
     store = CacheStore(path)
     attrs, teacher = store.attrs, store.attrs["teacher"]
     size, files = disk_bytes(store.path)
+    grads = store.group["grad_batches"] if store.has("grad_batches") else None
     return {
-        "store": str(store.path),
+        "store": store.path,
         "rows": store.num_rows,
         "invalid rows": attrs.get("invalid_count", 0),
         "views stored": store.views,
         "embed dim": store.embed_dim,
-        "dtype": attrs["build"]["dtype"],
+        "dtype": store.dtype,
         "arrays": ", ".join(sorted(store.group.array_keys())),
         "teacher": teacher["model"],
         "pretrained": teacher["pretrained"],
@@ -40,7 +45,7 @@ def store_summary(path: str) -> dict:
         "teacher logit scale": round(store.teacher_logit_scale, 4),
         "open_clip version": teacher["open_clip_version"],
         "shards": len(attrs["corpus"]["shards"]),
-        "grad batches": f"{store.group['grad_batches'].shape[0]} x {attrs['build']['grad_batch']}",
+        "grad batches": f"{grads.shape[0]} slots x {attrs['build']['grad_batch']}" if grads is not None else "none",
         "chunk rows": attrs["build"]["chunk_rows"],
         "bytes on disk": size,
         "files": files,
@@ -48,20 +53,59 @@ def store_summary(path: str) -> dict:
     }
 
 
+def integrity_lines(store: CacheStore) -> tuple[bool, list[str]]:
+    """Every chunk read (checksums verified), every chunk present, every valid embedding row of unit norm and
+    every invalid one zero, the valid count equal to the attributes, every valid row in exactly one gradient batch."""
+    lines, ok = [], True
+    rows = store.attrs["build"]["chunk_rows"]
+    valid = store.load("valid")
+    invalid = int((~valid).sum())
+    if invalid != store.attrs.get("invalid_count"):
+        ok = False
+        lines.append(f"valid flags: {invalid} invalid rows, the attributes say {store.attrs.get('invalid_count')}")
+    bad_norms = []
+    for name in (n for n in PER_ROW if store.has(n) and n != "valid"):
+        array = store.array(name)
+        for start in range(0, store.num_rows, rows):
+            chunk = read_chunked(array, start, start + rows, f"cache {store.path}")
+            if name.endswith("_emb"):
+                norms = np.linalg.norm(chunk.astype(np.float32), axis=-1)
+                norms = norms if norms.ndim == 1 else norms.max(axis=1) * (norms.min(axis=1) > 0)
+                here = valid[start:start + rows]
+                tol = NORM_TOLERANCE.get(store.dtype)
+                wrong = (np.abs(norms - 1) > tol) if tol else (norms == 0)
+                bad_norms += [f"{name} row {start + r}" for r in np.flatnonzero((here & wrong) | (~here & (norms > 0)))]
+    if bad_norms:
+        ok = False
+        lines.append(f"embedding norms: {len(bad_norms)} rows off (valid rows must have norm 1, invalid rows 0), "
+                     f"first: {', '.join(bad_norms[:5])}")
+    if store.has("grad_batches"):
+        batches = store.load("grad_batches")
+        members = np.sort(batches[batches >= 0])
+        if not np.array_equal(members, np.flatnonzero(valid)):
+            ok = False
+            lines.append("gradient batches: the valid rows are not each in exactly one gradient batch")
+    store.index()
+    lines.insert(0, f"integrity: every chunk of {len(list(store.group.array_keys()))} arrays read and checksummed, "
+                    f"{store.num_rows} rows ({invalid} invalid)" + ("" if ok else ": PROBLEMS FOUND"))
+    return ok, lines
+
+
 def check_corpus(store: CacheStore, corpus: Corpus) -> list[str]:
     """Differences between the store's corpus and these shards (names, sizes, counts, keys)."""
     diffs = provenance_diff(store.attrs, {"corpus": corpus.description()}, keys=("corpus",))
     if not diffs:
-        stored_keys = store.load("keys")
-        mismatch = np.flatnonzero(stored_keys != corpus.keys.astype(str))
-        diffs = [f"row {r}: store key {stored_keys[r]}, shard key {corpus.keys[r]}" for r in mismatch[:5]]
+        try:
+            join_to_cache(corpus, store)
+        except CacheError as e:
+            diffs = [str(e)]
     return diffs
 
 
 def verify_store(path: str, data: str, sample: int, pretrained: str | None, device: str, seed: int) -> dict:
     store = CacheStore(path)
-    corpus = Corpus.open(data, on_error="skip")
-    lines, ok = [], True
+    ok, lines = integrity_lines(store)
+    corpus = Corpus.open(data, on_error="skip", known=[store.index()])
     diffs = check_corpus(store, corpus)
     if diffs:
         raise CacheError(f"store {path} was not built from {data}:\n  " + "\n  ".join(diffs))
@@ -72,20 +116,19 @@ def verify_store(path: str, data: str, sample: int, pretrained: str | None, devi
     valid = store.load("valid")
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(np.flatnonzero(valid), size=min(sample, int(valid.sum())), replace=False))
-    samples = [next(corpus.read(int(r), int(r) + 1, on_error="raise")) for r in rows]
-    image_group = store.group["image_emb"]
-    boxes = store.load("view_boxes")[rows] if store.views else None
-    flips = store.load("view_flips")[rows] if store.views else None
+    samples = corpus.read_rows(rows, on_error="raise")
+    boxes = store.rows("view_boxes", rows) if store.views else None
+    flips = store.rows("view_flips", rows) if store.views else None
     views = [[CLEAN_VIEW] + [view_from_arrays(boxes[i, v], flips[i, v]) for v in range(store.views)]
              for i in range(len(rows))]
     images = torch.stack([torch.stack([render(s.image, v, teacher.preprocess) for v in vs])
                           for s, vs in zip(samples, views)])
     fresh_image = teacher.embed_images(images.flatten(0, 1)).view(len(rows), 1 + store.views, -1)
     fresh_text = teacher.embed_texts(teacher.tokenizer([s.caption for s in samples]))
-    stored_image = torch.from_numpy(image_group.get_orthogonal_selection((rows,)).astype(np.float32))
+    stored_image = torch.from_numpy(dequantize(store.rows("image_emb", rows)))
     stored_image = stored_image.view(len(rows), 1 + store.views, -1)
-    stored_text = torch.from_numpy(store.group["text_emb"].get_orthogonal_selection((rows,)).astype(np.float32))
-    threshold = MIN_COSINE[store.attrs["build"]["dtype"]]
+    stored_text = torch.from_numpy(dequantize(store.rows("text_emb", rows)))
+    threshold = MIN_COSINE[store.dtype]
     for name, fresh, stored in (("image", fresh_image, stored_image), ("text", fresh_text, stored_text)):
         cos = torch.nn.functional.cosine_similarity(fresh, stored, dim=-1)
         good = bool(cos.min() >= threshold)
@@ -93,17 +136,22 @@ def verify_store(path: str, data: str, sample: int, pretrained: str | None, devi
         lines.append(f"{name} embeddings: {len(rows)} rows, min cosine {cos.min():.6f} "
                      f"({'>=' if good else 'BELOW'} {threshold})")
 
+    if not store.has("grad_batches"):
+        lines.append("gradients: not stored (built with --no-grads)")
+        return {"ok": ok, "lines": lines}
     batches = store.load("grad_batches")
-    batch = batches[rng.integers(len(batches))]
+    full = batches[(batches >= 0).any(axis=1)]
+    batch = full[rng.integers(len(full))]
     batch = batch[batch >= 0]
-    image = store.load("image_emb")[batch].astype(np.float32)
+    image = dequantize(store.rows("image_emb", batch))
     image = torch.from_numpy(image[:, 0] if store.views else image)
-    text = torch.from_numpy(store.load("text_emb")[batch].astype(np.float32))
+    text = torch.from_numpy(dequantize(store.rows("text_emb", batch)))
     g_img, g_txt = clip_loss_grads(image, text, store.teacher_logit_scale)
-    for name, fresh, stored in (("image_grad", g_img, store.load("image_grad")[batch]),
-                                ("text_grad", g_txt, store.load("text_grad")[batch])):
-        err = float((fresh - torch.from_numpy(stored)).abs().max() / fresh.abs().max().clamp_min(1e-12))
-        good = err < 1e-5
+    for name, fresh in (("image_grad", g_img), ("text_grad", g_txt)):
+        stored = torch.from_numpy(store.to_float(name, store.rows(name, batch)))
+        err = float((fresh - stored).abs().max() / fresh.abs().max().clamp_min(1e-12))
+        good = err < GRAD_TOLERANCE
         ok &= good
-        lines.append(f"{name}: one gradient batch of {len(batch)} rows recomputed, max relative error {err:.2e}")
+        lines.append(f"{name}: one gradient batch of {len(batch)} rows recomputed, max relative error {err:.2e} "
+                     f"({'<' if good else 'NOT BELOW'} {GRAD_TOLERANCE})")
     return {"ok": ok, "lines": lines}

@@ -30,7 +30,7 @@ class TargetProvider:
                  teacher: LoadedCLIP | None, grad_batches: bool, memory_budget: int | None = None):
         if mode not in MODES:
             raise ValueError(f"--teacher-targets {mode!r}: choose one of {MODES}")
-        self.mode, self.needs, self.teacher = mode, needs, teacher
+        self.mode, self.needs, self.teacher, self.cache = mode, needs, teacher, cache
         self.cache_hits = self.live_batches = 0
         self.arrays: dict[str, np.ndarray | ChunkedRows] = {}
         self.chunked = False
@@ -46,8 +46,8 @@ class TargetProvider:
                 chunks = max(1, cache.attrs["build"]["chunk_rows"])
                 share = lambda name: memory_budget * cache.nbytes(name) // total  # noqa: E731
                 per_chunk = lambda name: cache.nbytes(name) * chunks // max(cache.num_rows, 1)  # noqa: E731
-                self.arrays = {name: ChunkedRows(cache.group[name], share(name) // max(per_chunk(name), 1))
-                               for name in wanted}
+                self.arrays = {name: ChunkedRows(cache.array(name), share(name) // max(per_chunk(name), 1),
+                                                 f"cache {cache.path}") for name in wanted}
             else:
                 self.arrays = {name: cache.load(name) for name in wanted}
 
@@ -75,13 +75,13 @@ class TargetProvider:
 
     def _from_cache(self, batch: dict, grads: bool) -> TeacherTargets:
         rows = batch["cache_rows"].numpy()
-        get = lambda name: torch.from_numpy(self.arrays[name].take(rows, axis=0).astype(np.float32)) \
+        get = lambda name: torch.from_numpy(self.cache.to_float(name, self.arrays[name].take(rows, axis=0))) \
             if name in self.arrays else None  # noqa: E731
         image = self.arrays["image_emb"].take(rows, axis=0) if "image_emb" in self.arrays else None
         if image is not None and image.ndim == 3:  # (b, 1+K, D): the view each sample was shown
             image = image[np.arange(len(rows)), batch["view"].numpy()]
         return TeacherTargets(
-            image_emb=torch.from_numpy(image.astype(np.float32)) if image is not None else None,
+            image_emb=torch.from_numpy(self.cache.to_float("image_emb", image)) if image is not None else None,
             text_emb=get("text_emb"),
             logit_scale=self.logit_scale,
             image_grad=get("image_grad") if grads else None,

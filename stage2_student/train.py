@@ -130,9 +130,9 @@ class Trainer:
         torch.manual_seed(opts.seed)
 
         # everything that can be wrong is checked before any training work
-        self.corpus = Corpus.open(opts.data)
-        self.student_clip = create_clip(opts.student, opts.init, device=self.device)
         self.cache = CacheStore(opts.cache) if opts.cache else None
+        self.corpus = Corpus.open(opts.data, known=[self.cache.index()] if self.cache else [])
+        self.student_clip = create_clip(opts.student, opts.init, device=self.device)
         teacher_config = self.cache.attrs["teacher"]["config"] if self.cache else None
         self.loss_set = LossSet(opts.losses, loss_dims(self.student_clip, teacher_config))
         needs, optional = self.loss_set.teacher_needs, self.loss_set.teacher_optional
@@ -171,6 +171,7 @@ class Trainer:
         # the loss that reads the masked view says how much to mask
         self.mask_ratio = next((m.mask_ratio for m in self.loss_set.losses.values()
                                 if "masked_image_emb_proj" in m.student_needs), 0.0)
+        self._batches: tuple[int, np.ndarray] | None = None
         self.steps_per_epoch = len(self.epoch_batches(0))
         if self.steps_per_epoch == 0:
             raise ValueError(f"--batch-size {opts.batch_size} is larger than the {int(usable.sum())} usable samples")
@@ -185,7 +186,12 @@ class Trainer:
 
     # ---------------------------------------------------------------- data
     def epoch_batches(self, epoch: int) -> np.ndarray:
-        """Global batches of corpus rows for an epoch (drop_last)."""
+        """Global batches of corpus rows for an epoch (drop_last), computed once per epoch."""
+        if self._batches is None or self._batches[0] != epoch:
+            self._batches = (epoch, self._epoch_batches(epoch))
+        return self._batches[1]
+
+    def _epoch_batches(self, epoch: int) -> np.ndarray:
         bs = self.opts.batch_size
         if self.opts.batching == "cache":
             if self.cache is None:
@@ -194,10 +200,11 @@ class Trainer:
             if grad_batches.shape[1] != bs:
                 raise ValueError(f"--batching cache: --batch-size must equal the cache's --grad-batch "
                                  f"({grad_batches.shape[1]}), got {bs}")
-            corpus_row = {int(c): r for r, c in enumerate(self.cache_rows)}
-            full = [b for b in grad_batches if (b >= 0).all() and all(int(c) in corpus_row for c in b)]
-            order = np.random.default_rng([self.opts.seed, epoch]).permutation(len(full))
-            return np.array([[corpus_row[int(c)] for c in full[i]] for i in order], dtype=np.int64).reshape(-1, bs)
+            corpus_row = np.full(self.cache.num_rows + 1, -1, dtype=np.int64)  # cache row -> corpus row; -1 -> -1
+            corpus_row[self.cache_rows] = np.arange(len(self.cache_rows))
+            mapped = corpus_row[grad_batches]
+            full = mapped[(mapped >= 0).all(axis=1)]
+            return full[np.random.default_rng([self.opts.seed, epoch]).permutation(len(full))]
         rows = shuffled_rows(self.corpus, self.usable, self.opts.seed, epoch, self.opts.shuffle_buffer)
         n = len(rows) // bs
         return rows[:n * bs].reshape(n, bs)

@@ -33,15 +33,23 @@ def cli(module: str, *args: str, check: bool = True, env: dict | None = None) ->
     return result
 
 
-def assert_stores_equal(a: Path, b: Path, skip=("blocks_done",)) -> None:
-    """Every array bit-identical, and the same content-defining attrs."""
+def plain_keys(group: zarr.Group) -> list[str]:
+    """Every row's key, read with plain zarr from the store's corpus index (docs/cache-format.md)."""
+    blob, ends = bytes(group["index/key_bytes"][...]), group["index/key_ends"][...]
+    return [blob[a:b].decode() for a, b in zip([0, *ends[:-1]], ends)]
+
+
+def assert_stores_equal(a, b, skip=("blocks_done", "index/urls", "index/versions")) -> None:
+    """Every array bit-identical (the corpus index's too), and the same content-defining attrs."""
     ga, gb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
-    assert sorted(ga.array_keys()) == sorted(gb.array_keys())
-    for name in ga.array_keys():
+    names = lambda g: sorted(n for n, node in g.members(max_depth=None) if isinstance(node, zarr.Array))  # noqa: E731
+    assert names(ga) == names(gb)
+    for name in names(ga):
         if name in skip:
             continue
         x, y = ga[name][...], gb[name][...]
         assert x.dtype == y.dtype and x.shape == y.shape, name
         assert np.array_equal(x, y), f"array {name} differs"
-    for key in ("teacher", "corpus", "build", "embed_dim", "teacher_logit_scale", "invalid_count", "complete"):
+    for key in ("teacher", "corpus", "build", "embed_dim", "teacher_logit_scale", "grad_scale", "invalid_count",
+                "complete", "content_hash"):
         assert ga.attrs[key] == gb.attrs[key], key

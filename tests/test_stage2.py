@@ -118,7 +118,8 @@ def test_gd_cached_gradients_equal_recomputed(synth_corpus, cache, tmp_path):
     assert recomputed.image_grad is None
     student = trainer.student(batch["student_images"], batch["student_tokens"], trainer.student_needs)
     gd = trainer.loss_set.losses["gd"]
-    assert gd(student, with_cached).item() == pytest.approx(gd(student, recomputed).item(), rel=1e-5)
+    # stored gradients are g * grad_batch / s_t in fp16: each entry within 2^-11 of the exact one
+    assert gd(student, with_cached).item() == pytest.approx(gd(student, recomputed).item(), rel=1e-3)
 
 
 def test_mfd_student_sees_only_the_kept_patches(synth_corpus, cache, tmp_path):

@@ -97,9 +97,8 @@ def stat_many(urls: list[str]) -> list[Stat]:
     out: dict[str, Stat] = {}
     by_parent: dict[str, list[str]] = {}
     for url in urls:
-        if is_pipe(url):
-            copy = pipe_copy_path(url)
-            out[url] = Stat(copy.stat().st_size, "pipe") if copy.exists() else Stat(-1, "pipe")
+        if is_pipe(url):  # the command's output is only known once run: its local copy stands for it
+            out[url] = Stat(pipe_copy(url).stat().st_size, "pipe")
         elif is_remote(url):
             by_parent.setdefault(posixpath.dirname(url), []).append(url)
         else:

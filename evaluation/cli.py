@@ -84,7 +84,7 @@ def evaluate_retrieval(model, checkpoint, cache, data, k, index, batch_size, dev
 
 @main.command()
 @model_options
-@click.option("--cache", type=click.Path(exists=True, file_okay=False), default=None,
+@click.option("--cache", default=None,
               help="evaluate a teacher cache's stored embeddings instead of running a model")
 @click.option("--k", "k", default="1,5,10", show_default=True, callback=parse_ks, help="recall cut-offs")
 @click.option("--index", type=click.Choice(["flat", "ivf", "hnsw"]), default="flat", show_default=True,

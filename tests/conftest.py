@@ -1,8 +1,14 @@
 """Shared fixtures: a small synthetic corpus, generated once per test session."""
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import fsspec
 import pytest
 
 from common.synth import generate_corpus
@@ -17,3 +23,48 @@ def synth_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     generate_corpus(root, {"train": 192, "val": 48, "zeroshot": 48},
                     shard_size={"train": 64, "val": 24, "zeroshot": 24}, seed=0, image_size=32)
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kd_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Index sidecars and pipe: copies go to a per-session directory (also for CLI subprocesses), not ~/.cache."""
+    path = tmp_path_factory.mktemp("kd_cache_dir")
+    os.environ["KD_CACHE_DIR"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A real S3 endpoint on localhost (moto's standalone server in its own process) with bucket `kd-test`, reached
+    through the real client stack (s3fs/aiobotocore) with credentials and endpoint from the environment, as a
+    user sets them. Yields the bucket URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = open(tmp_path_factory.mktemp("moto") / "server.log", "wb")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        for _ in range(200):  # up to 20 s for the server to listen
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError(f"moto server did not start on port {port}")
+        fs = fsspec.filesystem("s3", skip_instance_cache=True)
+        fs.mkdir("kd-test")
+        yield "s3://kd-test"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

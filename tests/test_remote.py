@@ -1,0 +1,142 @@
+"""Shards and stores on object storage (a real S3 endpoint on localhost), `pipe:` shards, and multi-node torchrun."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+
+from common.corpus import Corpus
+from stage1_teacher.build import BuildOptions, build_cache
+from tests.helpers import REPO, assert_stores_equal, cli, save_random_checkpoint
+
+TEACHER, STUDENT = "kd-test-teacher", "kd-test-student"
+BUILD = ["--batch-size", "16", "--grad-batch", "32", "--chunk-rows", "32", "--window-blocks", "2", "--workers", "0"]
+TRAIN = ["--student", STUDENT, "--losses", "task,fd,icl,crd,gd", "--batch-size", "32", "--steps", "1",
+         "--log-every", "1", "--workers", "0", "--warmup", "1"]
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory) -> Path:
+    return save_random_checkpoint(TEACHER, tmp_path_factory.mktemp("remote") / "teacher.pt", seed=11)
+
+
+@pytest.fixture(scope="module")
+def remote_train(s3, synth_corpus) -> str:
+    """The synthetic train shards uploaded to s3://kd-test/train/."""
+    fs = fsspec.filesystem("s3")
+    for shard in sorted((synth_corpus / "train").glob("*.tar")):
+        fs.put(str(shard), f"{s3[len('s3://'):]}/train/{shard.name}")
+    return f"{s3}/train"
+
+
+@pytest.fixture(scope="module")
+def local_store(synth_corpus, teacher_ckpt, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("remote_ref") / "local.zarr"
+    build_cache(BuildOptions(teacher=TEACHER, pretrained=str(teacher_ckpt), data=str(synth_corpus / "train"),
+                             out=str(out), batch_size=16, grad_batch=32, chunk_rows=32, window_blocks=2, workers=0))
+    return out
+
+
+def first_metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+
+
+def assert_same_step0(a: Path, b: Path) -> None:
+    one, two = first_metrics(a), first_metrics(b)
+    for key in ("loss", "task", "fd", "icl", "crd", "gd"):
+        assert one[key] == pytest.approx(two[key], rel=1e-4), key
+
+
+def test_remote_corpus_reads_the_same_samples(remote_train, synth_corpus):
+    local, remote = Corpus.open(str(synth_corpus / "train")), Corpus.open(remote_train)
+    assert remote.description() == local.description()
+    assert remote.index.urls[0] == f"{remote_train}/00000.tar"
+    rows = np.array([150, 3, 70, 71])
+    for a, b in zip(local.read_rows(rows), remote.read_rows(rows)):
+        assert (a.key, a.captions) == (b.key, b.captions) and a.image.tobytes() == b.image.tobytes()
+    assert [s.key for s in remote.read(60, 70)] == list(local.keys[60:70])  # ranged read across a shard border
+
+
+def test_build_train_eval_on_object_storage(remote_train, s3, local_store, teacher_ckpt, synth_corpus, tmp_path):
+    """Shards and store on S3 through the CLIs: the store equals a local build, verify passes, training from it
+    gives the local run's step-0 losses, and kd-eval reads it."""
+    store = f"{s3}/stores/remote.zarr"
+    cli("stage1_teacher.cli", "build", "--teacher", TEACHER, "--pretrained", teacher_ckpt, "--data", remote_train,
+        "--out", store, *BUILD)
+    assert_stores_equal(local_store, store)
+    report = cli("stage1_teacher.cli", "verify", store, "--data", remote_train, "--sample", "8")
+    assert "OK" in report.stdout and "integrity" in report.stdout
+    assert "bytes per sample" in cli("stage1_teacher.cli", "info", store).stdout
+    cli("stage2_student.cli", "--cache", store, "--data", remote_train, "--out", tmp_path / "remote", *TRAIN)
+    cli("stage2_student.cli", "--cache", local_store, "--data", synth_corpus / "train", "--out", tmp_path / "local",
+        *TRAIN)
+    assert_same_step0(tmp_path / "remote", tmp_path / "local")
+    result = cli("evaluation.cli", "retrieval", "--cache", store, "--data", remote_train,
+                 "--output", tmp_path / "eval.json")
+    assert json.loads((tmp_path / "eval.json").read_text())["metrics"], result.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def two_nodes(module: str, *args) -> None:
+    """`torchrun --nnodes 2` as two launchers (one process each) meeting at a c10d rendezvous on localhost."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    launch = lambda node: subprocess.Popen(  # noqa: E731
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank",
+         str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "kd-test", "-m", module,
+         *map(str, args)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    nodes = [launch(0), launch(1)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    for node, output in zip(nodes, outputs):
+        assert node.returncode == 0, output[-3000:]
+
+
+def test_two_nodes_on_object_storage(remote_train, s3, local_store, teacher_ckpt, synth_corpus, tmp_path):
+    store = f"{s3}/stores/two-nodes.zarr"
+    two_nodes("stage1_teacher.cli", "build", "--teacher", TEACHER, "--pretrained", teacher_ckpt, "--data",
+              remote_train, "--out", store, *BUILD)
+    assert_stores_equal(local_store, store)
+    two_nodes("stage2_student.cli", "--cache", store, "--data", remote_train, "--out", tmp_path / "two", *TRAIN)
+    cli("stage2_student.cli", "--cache", local_store, "--data", synth_corpus / "train", "--out", tmp_path / "one",
+        *TRAIN)
+    assert_same_step0(tmp_path / "two", tmp_path / "one")
+
+
+def test_pipe_shards_read_like_files(synth_corpus):
+    shards = sorted((synth_corpus / "train").glob("*.tar"))
+    piped = Corpus.open("::".join(f"pipe:cat {s}" for s in shards))
+    local = Corpus.open(str(synth_corpus / "train"))
+    assert piped.description() == local.description()
+    a, b = piped.read_rows([100])[0], local.read_rows([100])[0]
+    assert a.key == b.key and a.image.tobytes() == b.image.tobytes()
+
+
+def test_remote_failures_are_one_line(remote_train, s3, teacher_ckpt, tmp_path):
+    build = ["stage1_teacher.cli", "build", "--teacher", TEACHER, "--pretrained", teacher_ckpt,
+             "--out", tmp_path / "x.zarr"]
+    missing = cli(*build, "--data", f"{s3}/train/{{00000..00004}}.tar", check=False)
+    assert missing.returncode == 1 and "00003.tar does not exist" in missing.stderr
+    no_credentials = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+                      "AWS_CONFIG_FILE": "/nonexistent"}
+    env = {k: v for k, v in os.environ.items() if k not in no_credentials} | {
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"}
+    result = subprocess.run([sys.executable, "-m", *map(str, build), "--data", remote_train], cwd=REPO,
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 1 and remote_train in result.stderr and "credentials" in result.stderr
+    assert "Traceback" not in result.stderr
+    unreachable = cli(*build, "--data", remote_train, check=False,
+                      env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"})
+    assert unreachable.returncode == 1 and remote_train in unreachable.stderr
+    assert "Traceback" not in unreachable.stderr

@@ -63,9 +63,8 @@ def integrity_lines(store: CacheStore) -> tuple[bool, list[str]]:
     if invalid != store.attrs.get("invalid_count"):
         ok = False
         lines.append(f"valid flags: {invalid} invalid rows, the attributes say {store.attrs.get('invalid_count')}")
-    bad_norms = []
     for name in (n for n in PER_ROW if store.has(n) and n != "valid"):
-        array = store.array(name)
+        array, off = store.array(name), []
         for start in range(0, store.num_rows, rows):
             chunk = read_chunked(array, start, start + rows, f"cache {store.path}")
             if name.endswith("_emb"):
@@ -74,11 +73,11 @@ def integrity_lines(store: CacheStore) -> tuple[bool, list[str]]:
                 here = valid[start:start + rows]
                 tol = NORM_TOLERANCE.get(store.dtype)
                 wrong = (np.abs(norms - 1) > tol) if tol else (norms == 0)
-                bad_norms += [f"{name} row {start + r}" for r in np.flatnonzero((here & wrong) | (~here & (norms > 0)))]
-    if bad_norms:
-        ok = False
-        lines.append(f"embedding norms: {len(bad_norms)} rows off (valid rows must have norm 1, invalid rows 0), "
-                     f"first: {', '.join(bad_norms[:5])}")
+                off += (start + np.flatnonzero((here & wrong) | (~here & (norms > 0)))).tolist()
+        if off:
+            ok = False
+            lines.append(f"{name} norms: {len(off)} rows off (valid rows must have norm 1, invalid rows 0): "
+                         f"row {', '.join(map(str, off[:5]))}{'...' if len(off) > 5 else ''}")
     if store.has("grad_batches"):
         batches = store.load("grad_batches")
         members = np.sort(batches[batches >= 0])

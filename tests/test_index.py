@@ -1,0 +1,116 @@
+"""The corpus index: built once, reused from the sidecar or the store, re-scanned when a shard changes, compact,
+and loud about damaged tar framing."""
+from __future__ import annotations
+
+import logging
+import os
+import tarfile
+
+import numpy as np
+import pytest
+import zarr
+
+from common.cache import CacheStore
+from common.corpus import Corpus, CorpusError, expand_spec
+from common.index import scan_shard, sidecar_url
+from common.storage import stat_many
+from common.synth import make_sample, write_shard
+from stage1_teacher.build import BuildOptions, build_cache
+from tests.helpers import plain_keys, save_random_checkpoint
+
+TEACHER = "kd-test-teacher"
+
+
+def indexed_shards(caplog) -> int:
+    """Shards the last Corpus.open scanned, from its log line (0 when it reused an index)."""
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("indexed ")]
+    return int(lines[-1].split()[1]) if lines else 0
+
+
+@pytest.fixture()
+def shards(tmp_path):
+    root = tmp_path / "shards"
+    for shard in range(3):
+        write_shard(root / f"{shard:05d}.tar",
+                    [make_sample(0, "train", i, f"{i:09d}", image_size=16) for i in range(shard * 20, shard * 20 + 20)])
+    return root
+
+
+def test_index_is_built_once_and_reused_until_a_shard_changes(shards, caplog):
+    caplog.set_level(logging.INFO)
+    first = Corpus.open(str(shards))
+    assert indexed_shards(caplog) == 3 and os.path.isdir(sidecar_url(first.index.urls))
+    caplog.clear()
+    again = Corpus.open(str(shards))
+    assert indexed_shards(caplog) == 0  # loaded from the sidecar
+    assert again.description() == first.description() and list(again.keys) == list(first.keys)
+    # a shard rewritten with other samples: only it is scanned again, and the new samples are what is read
+    write_shard(shards / "00001.tar", [make_sample(1, "train", i, f"x{i:08d}", image_size=16) for i in range(25)])
+    caplog.clear()
+    changed = Corpus.open(str(shards))
+    assert indexed_shards(caplog) == 1 and changed.num_samples == 65
+    assert [s.key for s in changed.read(20, 22)] == ["x00000000", "x00000001"]
+
+
+def test_index_costs_bytes_not_objects(shards):
+    corpus = Corpus.open(str(shards))
+    index = corpus.index
+    assert all(isinstance(a, np.ndarray) for a in (index.offsets, index.key_ends, index.key_bytes))
+    # 8 (offset) + 8 (key end) + 9 (img2dataset's 9-digit key) bytes per sample
+    assert index.nbytes / corpus.num_samples == 25
+
+
+def test_build_keeps_the_index_and_later_opens_use_it(shards, tmp_path, caplog):
+    ckpt = save_random_checkpoint(TEACHER, tmp_path / "t.pt", seed=1)
+    out = tmp_path / "s.zarr"
+    build_cache(BuildOptions(teacher=TEACHER, pretrained=str(ckpt), data=str(shards), out=str(out), batch_size=16,
+                             grad_batch=8, chunk_rows=16, workers=0))
+    group = zarr.open_group(str(out), mode="r")
+    assert plain_keys(group) == [f"{i:09d}" for i in range(60)]
+    caplog.set_level(logging.INFO)
+    os.environ["KD_CACHE_DIR"], saved = str(tmp_path / "empty_cache_dir"), os.environ["KD_CACHE_DIR"]
+    try:  # no sidecar: the store's index serves
+        caplog.clear()
+        corpus = Corpus.open(str(shards), known=[CacheStore(str(out)).index()])
+        assert indexed_shards(caplog) == 0 and corpus.num_samples == 60
+    finally:
+        os.environ["KD_CACHE_DIR"] = saved
+
+
+def test_shard_directories_sort_naturally(tmp_path):
+    for n in (10, 2, 1):
+        write_shard(tmp_path / f"{n}.tar", [make_sample(0, "train", n, f"{n:09d}", image_size=16)])
+    assert [os.path.basename(u) for u in expand_spec(str(tmp_path))] == ["1.tar", "2.tar", "10.tar"]
+
+
+def overwrite_header(path, member: str) -> None:
+    """Replace the 512-byte tar header of `member` with garbage (the data stays)."""
+    with tarfile.open(path) as tar:
+        offset = next(m.offset for m in tar if m.name == member)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(bytes(range(256)) * 2)
+
+
+def test_a_damaged_tar_header_is_an_error_not_fewer_samples(tmp_path):
+    """Python's tarfile takes a bad header for the end of the archive; the index must not."""
+    path = tmp_path / "00000.tar"
+    write_shard(path, [make_sample(0, "train", i, f"{i:09d}", image_size=16) for i in range(20)])
+    with tarfile.open(path) as tar:  # the header of sample 10's first member, in PAX format its extended header
+        victim = [m for m in tar if m.name.startswith("000000010.")][0].name
+    overwrite_header(path, victim)
+    scan = scan_shard(str(path), path.name, stat_many([str(path)])[0])
+    assert "damaged tar header" in scan.error and scan.count == 10
+    with pytest.raises(CorpusError, match=r"00000\.tar: damaged tar header.*--on-error skip"):
+        Corpus.open(str(path))
+    kept = Corpus.open(str(path), on_error="skip")
+    assert kept.num_samples == 10 and kept.errors and "damaged" in kept.errors[0]
+
+
+def test_a_truncated_shard_is_an_error(tmp_path):
+    path = tmp_path / "00000.tar"
+    write_shard(path, [make_sample(0, "train", i, f"{i:09d}", image_size=16) for i in range(20)])
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    with pytest.raises(CorpusError, match=r"00000\.tar: (truncated|corrupt)"):
+        Corpus.open(str(path))

@@ -1,0 +1,120 @@
+"""A damaged store is an error naming the array and chunk, in every command; verify's full integrity pass;
+int8 and gradient-free stores."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from common.cache import CacheError, CacheStore, dequantize
+from common.corpus import Corpus
+from evaluation.encode import cache_split
+from stage1_teacher.build import BuildOptions, build_cache
+from tests.helpers import cli, save_random_checkpoint
+
+TEACHER, STUDENT = "kd-test-teacher", "kd-test-student"
+SMALL = dict(batch_size=16, grad_batch=32, chunk_rows=32, window_blocks=2, workers=0)
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory) -> Path:
+    return save_random_checkpoint(TEACHER, tmp_path_factory.mktemp("damage") / "teacher.pt", seed=3)
+
+
+@pytest.fixture(scope="module")
+def pristine(synth_corpus, teacher_ckpt, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("damage_store") / "store.zarr"
+    build_cache(BuildOptions(teacher=TEACHER, pretrained=str(teacher_ckpt), data=str(synth_corpus / "train"),
+                             out=str(out), **SMALL))
+    return out
+
+
+@pytest.fixture()
+def store(pristine, tmp_path) -> Path:
+    copy = tmp_path / "store.zarr"
+    shutil.copytree(pristine, copy)
+    return copy
+
+
+def train(synth_corpus, store, out) -> object:
+    return cli("stage2_student.cli", "--cache", store, "--data", synth_corpus / "train", "--out", out,
+               "--student", STUDENT, "--losses", "task,fd,gd", "--batching", "cache", "--batch-size", "32",
+               "--steps", "2", "--workers", "0", "--warmup", "1", check=False)
+
+
+def test_flipped_bytes_in_a_chunk_stop_training_naming_array_and_chunk(store, synth_corpus, tmp_path):
+    chunk = store / "image_emb" / "c" / "1" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[100:132] = bytes(b ^ 0xFF for b in data[100:132])  # one row's bytes
+    chunk.write_bytes(bytes(data))
+    result = train(synth_corpus, store, tmp_path / "run")
+    assert result.returncode == 1 and "array image_emb, chunk 1 (rows 32..63) is damaged" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run" / "student.pt").exists()
+    with pytest.raises(CacheError, match="image_emb, chunk 1"):
+        CacheStore(str(store)).load("image_emb")
+
+
+def test_a_missing_chunk_is_an_error_not_zeros(store, synth_corpus, tmp_path):
+    (store / "text_grad" / "c" / "2" / "0").unlink()
+    with pytest.raises(CacheError, match="array text_grad has 5 of its 6 chunk files"):
+        CacheStore(str(store)).load("text_grad")
+    result = train(synth_corpus, store, tmp_path / "run")
+    assert result.returncode == 1 and "text_grad has 5 of its 6 chunk files" in result.stderr
+
+
+def test_edited_attributes_are_refused(store):
+    meta = json.loads((store / "zarr.json").read_text())
+    meta["attributes"]["teacher_logit_scale"] *= 2
+    (store / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(CacheError, match="attributes were changed after the build"):
+        CacheStore(str(store))
+
+
+def test_a_format_1_store_gets_a_clear_message(store):
+    meta = json.loads((store / "zarr.json").read_text())
+    meta["attributes"]["format_version"] = 1
+    (store / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(CacheError, match="format version 1, this package reads 2: rebuild it"):
+        CacheStore(str(store))
+
+
+def test_verify_finds_damage_that_checksums_cannot(store, synth_corpus):
+    """Values rewritten through zarr (so every checksum is valid): a row of norm 5188, 20 cleared valid flags."""
+    group = zarr.open_group(str(store), mode="r+")
+    group["text_emb"][7] = group["text_emb"][7] * 5188
+    valid = group["valid"][...]
+    valid[40:60] = False
+    group["valid"][...] = valid
+    result = cli("stage1_teacher.cli", "verify", store, "--data", synth_corpus / "train", "--sample", "4",
+                 check=False)
+    assert result.returncode == 1
+    assert "text_emb norms: 21 rows off" in result.stdout and "row 7, 40, 41" in result.stdout and "20 invalid rows, the attributes say 0" in result.stdout
+    assert "not each in exactly one gradient batch" in result.stdout
+
+
+def test_int8_store_without_gradients(synth_corpus, teacher_ckpt, pristine, tmp_path):
+    out = tmp_path / "int8.zarr"
+    build_cache(BuildOptions(teacher=TEACHER, pretrained=str(teacher_ckpt), data=str(synth_corpus / "train"),
+                             out=str(out), dtype="int8", grads=False, **SMALL))
+    small, full = CacheStore(str(out)), CacheStore(str(pristine))
+    assert not small.has("image_grad") and small.group["image_emb"].dtype == np.int8
+    # int8 rows, re-normalised, stay within ~1% of the fp16 embeddings
+    cos = np.sum(dequantize(small.load("image_emb")) * dequantize(full.load("image_emb")), axis=-1)
+    assert cos.min() > 0.999
+    corpus = Corpus.open(str(synth_corpus / "train"))
+    a, b = cache_split(small, corpus), cache_split(full, corpus)
+    assert np.allclose(a.image_emb @ a.text_emb.T, b.image_emb @ b.text_emb.T, atol=0.02)
+    assert "gradients: not stored" in cli("stage1_teacher.cli", "verify", out, "--data", synth_corpus / "train",
+                                          "--sample", "4").stdout
+    run = cli("stage2_student.cli", "--cache", out, "--data", synth_corpus / "train", "--out", tmp_path / "run",
+              "--student", STUDENT, "--losses", "task,fd,gd", "--batch-size", "32", "--steps", "1", "--workers", "0",
+              "--warmup", "1")
+    assert run.returncode == 0 and (tmp_path / "run" / "student.pt").exists()
+    refused = cli("stage2_student.cli", "--cache", out, "--data", synth_corpus / "train", "--out", tmp_path / "r2",
+                  "--student", STUDENT, "--losses", "gd", "--batching", "cache", "--batch-size", "32", "--steps", "1",
+                  "--workers", "0", check=False)
+    assert refused.returncode == 1 and "grad" in refused.stderr

@@ -2,6 +2,7 @@
 and loud about damaged tar framing."""
 from __future__ import annotations
 
+import io
 import logging
 import os
 import tarfile
@@ -114,3 +115,24 @@ def test_a_truncated_shard_is_an_error(tmp_path):
     path.write_bytes(data[:len(data) // 2])
     with pytest.raises(CorpusError, match=r"00000\.tar: (truncated|corrupt)"):
         Corpus.open(str(path))
+
+
+def test_pax_and_long_names_index_like_webdataset(tmp_path):
+    """Names over 100 bytes need pax or GNU long-name headers: the index falls back to tarfile and agrees with
+    webdataset's own grouping."""
+    import webdataset as wds
+    long_key = "d" * 120 + "/000000001"
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
+        path = tmp_path / f"{fmt}.tar"
+        with tarfile.open(path, "w", format=fmt) as tar:
+            for key in ("000000000", long_key, "000000002"):
+                for ext in ("jpg", "txt"):
+                    data = make_sample(0, "train", 0, key, image_size=16)[ext]
+                    data = data.encode() if isinstance(data, str) else data
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        corpus = Corpus.open(str(path))
+        expected = [s["__key__"] for s in wds.WebDataset(str(path), shardshuffle=False)]
+        assert list(corpus.keys) == expected == ["000000000", long_key, "000000002"]
+        assert corpus.read_rows([1])[0].key == long_key

@@ -1,0 +1,232 @@
+"""How the data layer grows with corpus size: index build and open, memory per process and per DataLoader worker,
+kd-train start, gradient windows, and store bytes per sample (with checksums), extrapolated to CC12M.
+
+    python bench/bench_scale.py --sizes 100000 400000 1600000 --json bench/results/scale.json
+
+Corpora are tiny-image webdataset shards of 10k samples (16x16 JPEG, a caption, a json; 9-digit keys, as
+img2dataset writes them): the point is the sample count. Each measurement that needs a fresh process runs in one
+(`python -c`), so that memory figures are that process's alone.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._common import REPO, command_line, machine_info  # noqa: E402
+
+SHARD = 10_000
+CC12M = 11_000_000
+
+
+def jpeg(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def write_corpus(root: Path, n: int) -> None:
+    """n samples in shards of SHARD; skipped when already there."""
+    images = [jpeg(i) for i in range(16)]
+    root.mkdir(parents=True, exist_ok=True)
+    for shard, first in enumerate(range(0, n, SHARD)):
+        path = root / f"{shard:05d}.tar"
+        if path.exists():
+            continue
+        tmp = path.with_suffix(".partial")
+        with tarfile.open(tmp, "w") as tar:
+            for i in range(first, min(first + SHARD, n)):
+                for ext, data in (("jpg", images[i % 16]), ("txt", f"a photo number {i}".encode()),
+                                  ("json", json.dumps({"key": f"{i:09d}"}).encode())):
+                    info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        os.replace(tmp, path)
+
+
+PROBE = r'''
+import json, os, resource, sys, time
+t0 = time.perf_counter()
+def rss():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
+base = rss()
+from common.corpus import Corpus
+imported = rss()
+t1 = time.perf_counter()
+corpus = Corpus.open(sys.argv[1])
+t2 = time.perf_counter()
+out = {"open_s": t2 - t1, "rss_index": rss() - imported, "rss_total": rss(), "index_nbytes": corpus.index.nbytes,
+       "samples": corpus.num_samples}
+if sys.argv[2] == "workers":
+    import numpy as np, torch
+    from torch.utils.data import DataLoader, Dataset
+    def pss(pid):
+        for line in open(f"/proc/{pid}/smaps_rollup"):
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    class Rows(Dataset):
+        def __len__(self): return 64
+        def __getitem__(self, i):
+            rows = np.random.default_rng(i).integers(0, corpus.num_samples, 32)
+            return len(corpus.read_rows(rows)) + os.getpid() * 0
+    loader = DataLoader(Rows(), batch_size=None, num_workers=2, persistent_workers=True)
+    it = iter(loader)
+    for _ in range(32):
+        next(it)
+    workers = [w.pid for w in it._workers]
+    out["pss_main"] = pss(os.getpid())
+    out["pss_workers"] = [pss(p) for p in workers]
+print(json.dumps(out))
+'''
+
+
+def probe(spec: str, mode: str, cache_dir: str) -> dict:
+    env = {**os.environ, "KD_CACHE_DIR": cache_dir, "OMP_NUM_THREADS": "1"}
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", PROBE, spec, mode], cwd=REPO, capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1]) | {"process_s": time.perf_counter() - start}
+
+
+def train_start(spec: str, cache_dir: str, out_dir: str) -> float:
+    """Seconds from `kd-train` start to its first metrics line (baseline run: no cache, 2 workers)."""
+    env = {**os.environ, "KD_CACHE_DIR": cache_dir, "OMP_NUM_THREADS": "1"}
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "stage2_student.cli", "--data", spec, "--out", out_dir, "--student",
+                    "kd-test-student", "--losses", "task", "--batch-size", "32", "--steps", "1", "--workers", "2",
+                    "--warmup", "1", "--log-every", "1"], cwd=REPO, env=env, check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def gradient_window(dim: int, rows: int, grad_batch: int) -> dict:
+    """One gradient window of `rows` rows at width `dim` (what each rank holds at a time): seconds, bytes."""
+    import torch
+    from common.contrastive import clip_loss_grads
+    rng = np.random.default_rng(0)
+    emb = lambda: torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal((rows, dim), np.float32)), dim=-1)  # noqa: E731
+    image, text = emb().half().float(), emb().half().float()
+    start = time.perf_counter()
+    perm = torch.from_numpy(rng.permutation(rows))
+    g_i, g_t = torch.zeros_like(image), torch.zeros_like(text)
+    for b in range(0, rows, grad_batch):
+        idx = perm[b:b + grad_batch]
+        g_i[idx], g_t[idx] = clip_loss_grads(image[idx], text[idx], 100.0)
+    seconds = time.perf_counter() - start
+    # fp16 relative error of the stored, scaled gradients against the fp32 ones
+    scale = grad_batch / 100.0
+    err = float(((g_i * scale).half().float() / scale - g_i).abs().max() / g_i.abs().max())
+    return {"rows": rows, "dim": dim, "seconds": seconds, "rows_per_s": rows / seconds,
+            "window_bytes": 4 * rows * dim * 4, "fp16_scaled_grad_max_rel_error": err}
+
+
+def store_bytes(dim: int, rows: int, dtype: str, grads: bool, tmp: Path) -> dict:
+    """Bytes per sample of a real store layout at width `dim` (random unit rows written through the cache API),
+    its write and read throughput, and a full integrity pass."""
+    from common.cache import CacheStore, create_store, quantize
+    from common.index import CorpusIndex
+    from stage1_teacher.inspect import disk_bytes, integrity_lines
+    keys = [f"{i:09d}".encode() for i in range(rows)]
+    index = CorpusIndex(urls=["x.tar"], names=["x.tar"], sizes=np.array([1]), versions=["0"],
+                        counts=np.array([rows]), ends=np.array([1]), errors=[""],
+                        offsets=np.arange(rows, dtype=np.int64) * 3072, key_ends=np.cumsum([len(k) for k in keys]),
+                        key_bytes=np.frombuffer(b"".join(keys), np.uint8).copy())
+    chunk = 2048
+    attrs = {"format_version": 2, "teacher": {}, "corpus": {}, "embed_dim": dim, "teacher_logit_scale": 100.0,
+             "grad_scale": 10.24 if grads else None, "invalid_count": 0,
+             "build": {"dtype": dtype, "views": 0, "chunk_rows": chunk, "grads": grads, "window_blocks": 4,
+                       "grad_batch": 1024}}
+    path = tmp / f"store-{dtype}-{grads}-{dim}.zarr"
+    group = create_store(str(path), attrs, index)
+    rng = np.random.default_rng(0)
+    unit = rng.standard_normal((rows, dim)).astype(np.float32)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    start = time.perf_counter()
+    group["image_emb"][:] = quantize(unit, dtype)
+    group["text_emb"][:] = quantize(unit, dtype)
+    group["valid"][:] = True
+    if grads:
+        group["image_grad"][:] = unit.astype(np.float16)
+        group["text_grad"][:] = unit.astype(np.float16)
+        batches = group["grad_batches"]
+        full = np.full(batches.shape, -1, np.int64)
+        full.flat[:rows] = np.arange(rows)
+        batches[:] = full
+    group["blocks_done"][:] = True
+    write_s = time.perf_counter() - start
+    group.attrs.update({"complete": True})
+    size, files = disk_bytes(str(path))
+    store = CacheStore(str(path))
+    start = time.perf_counter()
+    for name in ("image_emb", "text_emb") + (("image_grad", "text_grad") if grads else ()):
+        store.load(name)
+    read_s = time.perf_counter() - start
+    start = time.perf_counter()
+    ok, _ = integrity_lines(store)
+    verify_s = time.perf_counter() - start
+    return {"dim": dim, "dtype": dtype, "grads": grads, "rows": rows, "bytes_per_sample": size / rows,
+            "files": files, "write_MBps": size / write_s / 1e6, "read_MBps": size / read_s / 1e6,
+            "verify_s_per_million_rows": verify_s / rows * 1e6, "integrity_ok": ok}
+
+
+def fit(sizes, values) -> tuple[float, float]:
+    """Least-squares a + b·N."""
+    b, a = np.polyfit(np.asarray(sizes, float), np.asarray(values, float), 1)
+    return float(a), float(b)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 400_000, 1_600_000])
+    parser.add_argument("--root", default=str(Path(tempfile.gettempdir()) / "kd-bench-scale"))
+    parser.add_argument("--json", metavar="PATH")
+    args = parser.parse_args()
+    root = Path(args.root)
+    results = {"command": command_line(), "machine": machine_info("cpu"), "sizes": {}}
+    print(results["command"])
+    for n in args.sizes:
+        corpus = root / f"corpus-{n}"
+        t = time.perf_counter()
+        write_corpus(corpus, n)
+        cache_dir = str(root / f"kdcache-{n}")
+        subprocess.run(["rm", "-rf", cache_dir])
+        first = probe(str(corpus), "open", cache_dir)  # scans the shards, writes the sidecar
+        again = probe(str(corpus), "workers", cache_dir)  # loads the sidecar
+        start = train_start(str(corpus), cache_dir, str(root / f"run-{n}"))
+        subprocess.run(["rm", "-rf", str(root / f"run-{n}")])
+        row = {"samples": first["samples"], "write_corpus_s": time.perf_counter() - t,
+               "index_build_s": first["open_s"], "open_s": again["open_s"],
+               "index_bytes_per_sample": again["index_nbytes"] / n, "rss_index_MB": again["rss_index"] / 2**20,
+               "rss_process_MB": again["rss_total"] / 2**20, "pss_main_MB": again["pss_main"] / 2**20,
+               "pss_workers_MB": [p / 2**20 for p in again["pss_workers"]], "train_first_step_s": start}
+        results["sizes"][n] = row
+        print(json.dumps({n: row}))
+    sizes = sorted(results["sizes"])
+    extrapolated = {}
+    for key in ("index_build_s", "open_s", "rss_index_MB", "train_first_step_s", "pss_workers_MB"):
+        values = [np.mean(results["sizes"][n][key]) for n in sizes]
+        a, b = fit(sizes, values) if len(sizes) > 1 else (0.0, values[0] / sizes[0])
+        extrapolated[key] = {"fixed": a, "per_million": b * 1e6, "at_11M": a + b * CC12M}
+    results["extrapolated_11M"] = extrapolated
+    with tempfile.TemporaryDirectory() as tmp:
+        results["gradient_window"] = gradient_window(512, 8192, 1024)
+        results["stores"] = [store_bytes(512, 20_480, "fp16", True, Path(tmp)),
+                             store_bytes(512, 20_480, "int8", False, Path(tmp))]
+    print(json.dumps({k: results[k] for k in ("extrapolated_11M", "gradient_window", "stores")}, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -6,7 +6,6 @@ without exact ties both must agree to the last sample, near-ties included.
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from clip_benchmark.metrics import zeroshot_retrieval
 

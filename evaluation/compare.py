@@ -16,8 +16,9 @@ from common.alignment import alignment_metrics
 from common.corpus import Corpus
 from common.models import create_clip
 from common.retrieval import retrieval_metrics
-from common.zeroshot import result_json, zeroshot_metrics
+from common.zeroshot import PromptTemplates, result_json, zeroshot_metrics
 from evaluation.encode import EncodedSplit, encode_classifier, encode_split
+from evaluation.layout import shard_spec
 
 RETRIEVAL_TASK, ZEROSHOT_TASK = "zeroshot_retrieval", "zeroshot_classification"
 RANDOM_INIT = "random-init"  # the `pretrained` reported for a model evaluated without weights
@@ -49,7 +50,7 @@ class ZeroshotTask:
     """A zero-shot classification split with its class names and prompt templates."""
     data: str
     classnames: list[str]
-    templates: list[str]
+    templates: PromptTemplates
 
 
 @dataclass
@@ -96,10 +97,10 @@ def evaluate_entry(entry: Entry, data: Corpus, zeroshot: tuple[Corpus, ZeroshotT
     if zeroshot is not None:
         corpus, task = zeroshot
         images = encode_split(clip, corpus, batch_size, workers, captions="none")
-        classifier = encode_classifier(clip, task.classnames, task.templates, batch_size)
+        classifier = encode_classifier(clip, task.classnames, task.templates.templates, batch_size)
         evaluated.results[ZEROSHOT_TASK] = result_json(
             task.data, entry.name, pretrained, ZEROSHOT_TASK,
-            zeroshot_metrics(images.image_emb, images.require_labels(), classifier))
+            zeroshot_metrics(images.image_emb, images.require_labels(), classifier)) | task.templates.as_json()
     return evaluated
 
 
@@ -124,8 +125,8 @@ def compare(entries: list[Entry], data: str, teacher: str | None = None, zerosho
     teacher = teacher or names[0]
     if teacher not in names:
         raise ValueError(f"--teacher-entry {teacher!r} is not one of the entries {names}")
-    corpus = Corpus.open(data)
-    zeroshot_split = (Corpus.open(zeroshot.data), zeroshot) if zeroshot else None
+    corpus = Corpus.open(shard_spec(data))
+    zeroshot_split = (Corpus.open(shard_spec(zeroshot.data)), zeroshot) if zeroshot else None
     evaluated = [evaluate_entry(e, corpus, zeroshot_split, ks, batch_size, device, workers) for e in entries]
     reference = evaluated[names.index(teacher)].split
     for e in evaluated:

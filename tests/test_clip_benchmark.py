@@ -1,17 +1,34 @@
-"""kd-eval against CLIP_benchmark's own code: recall@k from its retrieval `evaluate` on the same embeddings.
+"""kd-eval against CLIP_benchmark's own code.
 
-CLIP_benchmark (`clip_benchmark.metrics.zeroshot_retrieval`) ranks by `torch.topk` with no tolerance, so on data
-without exact ties both must agree to the last sample, near-ties included.
+* Recall@k from its retrieval `evaluate` on the same embeddings: it ranks by `torch.topk` with no tolerance, so
+  on data without exact ties both must agree to the last sample, near-ties included.
+* Its published webdataset layout, written by its own converter (`clip_benchmark.webdataset_builder`), evaluated
+  as it is: `--data <root>`, `test/{0..n-1}.tar` + `nshards.txt`, `.webp` images, `.cls` labels or `.txt`
+  captions, `classnames.txt` and `{c}` templates in the root.
 """
 from __future__ import annotations
 
+import json
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
+import webdataset as wds
+from click.testing import CliRunner
 from clip_benchmark.metrics import zeroshot_retrieval
+from clip_benchmark.webdataset_builder import PIL_to_bytes, convert_dataset, convert_retrieval_dataset
 
 from common.retrieval import TIE_TOL, faiss_search, retrieval_metrics, torch_search
+from common.zeroshot import DEFAULT_TEMPLATE
+from evaluation.cli import main
+from tests.helpers import save_random_checkpoint
 
 KS = (1, 2, 5)
+STUDENT = "kd-test-student"
 
 
 class PrecomputedEmbeddings(torch.nn.Module):
@@ -87,3 +104,84 @@ def test_faiss_and_torch_scores_differ_by_far_less_than_the_tie_tolerance():
     noise = np.abs(faiss_top.scores - torch_top.scores)[same].max()
     assert same.mean() > 0.99 and noise < TIE_TOL / 2
     print(f"max |FAISS - torch| score over {int(same.sum())} pairs: {noise:.2e}")
+
+
+# ---------------------------------------------------------------- CLIP_benchmark's webdataset layout, as published
+class LabelledImages(torch.utils.data.Dataset):
+    """(PIL image, target) pairs with `.classes` and `.templates`: what CLIP_benchmark's converter reads."""
+
+    def __init__(self, pairs: list, classes: list[str] | None = None, templates: list[str] | None = None):
+        self.pairs, self.classes, self.templates = pairs, classes, templates
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int):
+        return self.pairs[i]
+
+
+def synth_samples(split: Path) -> list[dict]:
+    return list(wds.WebDataset([str(p) for p in sorted(split.glob("*.tar"))], shardshuffle=False).decode("pil"))
+
+
+@pytest.fixture(scope="module")
+def student_ckpt(tmp_path_factory) -> Path:
+    return save_random_checkpoint(STUDENT, tmp_path_factory.mktemp("cb_ckpt") / "student.pt", seed=1)
+
+
+@pytest.fixture(scope="module")
+def benchmark_classification(synth_corpus, tmp_path_factory) -> Path:
+    """The synth zero-shot split converted by CLIP_benchmark's own `convert_dataset` (webp, .cls, 3 shards), its
+    templates rewritten with CLIP_benchmark's `{c}`."""
+    split = synth_corpus / "zeroshot"
+    templates = [t.replace("{}", "{c}") for t in (split / "templates.txt").read_text().splitlines() if t]
+    dataset = LabelledImages([(s["jpg"], s["json"]["label"]) for s in synth_samples(split)],
+                             (split / "classnames.txt").read_text().splitlines(), templates)
+    root = tmp_path_factory.mktemp("cb") / "wds_synth_zeroshot"
+    convert_dataset(dataset, "test", str(root), transform=PIL_to_bytes("webp"), image_format="webp", max_count=20,
+                    verbose=False)
+    return root
+
+
+def kd_eval_json(*args) -> tuple[dict, str]:
+    out = Path(tempfile.mkdtemp()) / "result.json"
+    result = CliRunner().invoke(main, [str(a) for a in args] + ["--workers", "0", "--output", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return json.loads(out.read_text()), result.output
+
+
+def test_zeroshot_on_a_clip_benchmark_dataset_as_published(synth_corpus, benchmark_classification, student_ckpt):
+    root = benchmark_classification
+    assert (root / "test" / "nshards.txt").read_text().strip() == "3"
+    with tarfile.open(root / "test" / "0.tar") as tar:
+        assert {Path(n).suffix for n in tar.getnames()} == {".webp", ".cls"}  # no caption, label in .cls
+    published, output = kd_eval_json("zeroshot", "--model", STUDENT, "--checkpoint", student_ckpt, "--data", root)
+    assert f"classes from {root / 'classnames.txt'}" in output
+    assert f"templates from {root / 'zeroshot_classification_templates.txt'}" in output
+    assert published["templates_source"] == str(root / "zeroshot_classification_templates.txt")
+    assert all("{c}" in t for t in published["templates"])
+    ours, _ = kd_eval_json("zeroshot", "--model", STUDENT, "--checkpoint", student_ckpt,
+                           "--data", synth_corpus / "zeroshot")  # this project's layout: .jpg, .json label, {}
+    assert published["metrics"] == pytest.approx(ours["metrics"], abs=1e-9)
+    assert ours["templates"] == [t.replace("{c}", "{}") for t in published["templates"]]
+
+
+def test_zeroshot_says_when_it_falls_back_to_the_default_template(benchmark_classification, student_ckpt,
+                                                                  tmp_path):
+    root = tmp_path / "no_templates"
+    shutil.copytree(benchmark_classification, root)
+    (root / "zeroshot_classification_templates.txt").unlink()
+    result, output = kd_eval_json("zeroshot", "--model", STUDENT, "--checkpoint", student_ckpt, "--data", root)
+    assert result["templates_source"] == "default" and result["templates"] == [DEFAULT_TEMPLATE]
+    assert "1 templates from default" in output
+
+
+def test_retrieval_on_a_clip_benchmark_dataset_as_published(synth_corpus, student_ckpt, tmp_path):
+    split = synth_corpus / "val"
+    dataset = LabelledImages([(s["jpg"], s["txt"].splitlines()) for s in synth_samples(split)])
+    convert_retrieval_dataset(dataset, "test", str(tmp_path / "wds_synth_val"), transform=PIL_to_bytes("webp"),
+                              image_format="webp", max_count=20, verbose=False)
+    published, _ = kd_eval_json("retrieval", "--model", STUDENT, "--checkpoint", student_ckpt,
+                                "--data", tmp_path / "wds_synth_val")
+    ours, _ = kd_eval_json("retrieval", "--model", STUDENT, "--checkpoint", student_ckpt, "--data", split)
+    assert published["metrics"] == pytest.approx(ours["metrics"], abs=1e-9)

@@ -183,17 +183,21 @@ def result_json(dataset: str, model: str, pretrained: str, task: str, metrics: d
     return {"dataset": dataset, "model": model, "pretrained": pretrained, "task": task, "metrics": plain}
 
 
+def as_percent(value) -> str:
+    """A fraction in [0, 1] as a percentage with one decimal (the tables' one unit), None as 'n/a'."""
+    return "n/a" if value is None else f"{100 * value:.1f}"
+
+
 def format_table(metrics: dict) -> str:
-    """Two-column, left-aligned `metric  value` table; floats with 4 decimals, None as 'n/a'."""
+    """Two-column, left-aligned `metric  value (%)` table: fractions as percent with one decimal, None as 'n/a',
+    integers (counts) as they are."""
     if not metrics:
         return "(no metrics)"
     width = max(len("metric"), *(len(name) for name in metrics))
 
     def cell(value) -> str:
-        if value is None:
-            return "n/a"
-        return f"{value:.4f}" if isinstance(value, (float, np.floating)) else str(value)
+        return as_percent(value) if value is None or isinstance(value, (float, np.floating)) else str(value)
 
-    rows = [f"{'metric':<{width}}  value", f"{'-' * width}  -----"]
+    rows = [f"{'metric':<{width}}  value (%)", f"{'-' * width}  ---------"]
     rows += [f"{name:<{width}}  {cell(value)}" for name, value in metrics.items()]
     return "\n".join(rows)

@@ -12,7 +12,7 @@ from common.cache import CacheStore
 from common.corpus import ON_ERROR_CHOICES, Corpus
 from common.errors import run_reporting_errors
 from common.models import create_clip
-from common.retrieval import retrieval_metrics
+from common.retrieval import retrieval_metrics, without_aliases
 from common.zeroshot import format_table, read_classnames, result_json, templates_for, zeroshot_metrics
 from evaluation.compare import (RANDOM_INIT, RETRIEVAL_TASK, ZEROSHOT_TASK, Entry, ZeroshotTask, compare,
                                 markdown_table, write_figure)
@@ -103,7 +103,7 @@ def retrieval(output, **kwargs):
     if not kwargs["cache"] and not kwargs["model"]:
         raise click.UsageError("give --model (with --checkpoint), or --cache")
     result = run_reporting_errors(evaluate_retrieval, **kwargs)
-    click.echo(format_table(result["metrics"]))
+    click.echo(format_table(without_aliases(result["metrics"])))
     write_json(result, output)
 
 
@@ -137,15 +137,16 @@ def zeroshot(output, **kwargs):
     write_json(result, output)
 
 
-def run_comparison(entry, data, teacher_entry, zeroshot_data, classnames, templates, k, batch_size, device,
-                   workers):
+def run_comparison(entry, data, teacher_entry, baseline_entry, zeroshot_data, classnames, templates, k, batch_size,
+                   device, workers):
     """Parse the entries and the zero-shot task, then compare."""
     task = None
     if zeroshot_data:
         classnames = classnames_file(zeroshot_data, classnames)
         task = ZeroshotTask(zeroshot_data, read_classnames(classnames), templates_for(classnames, templates))
         click.echo(f"{zeroshot_data}: classes from {classnames}, {task.templates.describe()}")
-    return compare([Entry.parse(e) for e in entry], data, teacher_entry, task, k, batch_size, device, workers)
+    return compare([Entry.parse(e) for e in entry], data, teacher_entry, task, k, batch_size, device, workers,
+                   baseline_entry)
 
 
 @main.command(name="compare")
@@ -153,6 +154,8 @@ def run_comparison(entry, data, teacher_entry, zeroshot_data, classnames, templa
               help="NAME=MODEL[:CHECKPOINT], repeatable, e.g. --entry baseline=kd-demo-student:runs/b/student.pt")
 @click.option("--data", required=True, help="retrieval split (shards)")
 @click.option("--teacher-entry", default=None, help="entry the others are aligned to (default: the first)")
+@click.option("--baseline-entry", default=None,
+              help="entry the others are measured against: a 'vs baseline' column and a one-line verdict")
 @click.option("--zeroshot-data", default=None,
               help="zero-shot split: shards or a CLIP_benchmark root (classnames.txt found in it or given)")
 @click.option("--classnames", type=EXISTING_FILE, default=None,

@@ -157,8 +157,8 @@ def test_result_json_shape_and_serialisable():
 def test_format_table():
     table = format_table({"acc1": 0.123456, "paired_cosine": None, "n": 3})
     lines = table.splitlines()
-    assert lines[0].split() == ["metric", "value"]
-    assert lines[2].split() == ["acc1", "0.1235"]
+    assert lines[0].split() == ["metric", "value", "(%)"]
+    assert lines[2].split() == ["acc1", "12.3"]  # percent with one decimal (was 0.1235: one unit in tables)
     assert lines[3].split() == ["paired_cosine", "n/a"]
     assert lines[4].split() == ["n", "3"]
     assert format_table({}) == "(no metrics)"

@@ -28,6 +28,8 @@ from evaluation.cli import main
 from tests.helpers import save_random_checkpoint
 
 KS = (1, 2, 5)
+# CLIP_benchmark's converter hard-codes DataLoader(num_workers=8); torch warns on this 2-core machine
+pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create 8 worker processes:UserWarning")
 STUDENT = "kd-test-student"
 
 

@@ -101,8 +101,14 @@ class Comparison:
         others = [e for e in self.evaluated if e.entry.name not in (self.baseline, self.teacher)]
         if self.baseline is None or not others:
             return None
-        parts = [f"`{e.entry.name}` {'beats' if d > 0 else 'trails' if d < 0 else 'ties'} `{self.baseline}` by "
-                 f"{abs(100 * d):.1f} points" for e, d in ((e, self.vs_baseline(e)) for e in others)]
+        def against_baseline(e: Evaluated) -> str:
+            points = round(100 * self.vs_baseline(e), 1)  # as the table shows it
+            if points == 0:
+                return f"`{e.entry.name}` ties `{self.baseline}`"
+            way = "beats" if points > 0 else "trails"
+            return f"`{e.entry.name}` {way} `{self.baseline}` by {abs(points):.1f} points"
+
+        parts = [against_baseline(e) for e in others]
         return f"Verdict: {'; '.join(parts)} (mean of {', '.join(self.score_columns())})."
 
     def to_json(self) -> dict:

@@ -251,5 +251,8 @@ def test_markdown_table_in_percent_with_vs_baseline_and_a_verdict():
     assert lines[4] == "| distilled | 20.0 | 15.0 | 6.0 | 25.0 | n/a | n/a | 50.0 | 25.0 | +5.0 |"
     assert lines[3].endswith("| +0.0 |") and lines[2].endswith("| +58.5 |")
     assert lines[-1] == "Verdict: `distilled` beats `baseline` by 5.0 points (mean of i2t_R@1, t2i_R@1, acc1, acc5)."
+    tie = markdown_table(comparison_of({"teacher": (0.8, 0.7, 0.4, 0.9), "baseline": (0.1, 0.1, 0.06, 0.2),
+                                        "same": (0.1, 0.1, 0.06, 0.2), "worse": (0.1, 0.1, 0.02, 0.2)}, "baseline"))
+    assert tie.splitlines()[-1].startswith("Verdict: `same` ties `baseline`; `worse` trails `baseline` by 1.0 points")
     without = markdown_table(comparison_of({"teacher": (0.8, 0.7, 0.4, 0.9)}, baseline=None))
     assert "vs baseline" not in without and "Verdict" not in without

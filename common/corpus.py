@@ -84,6 +84,9 @@ class Sample:
     @property
     def caption(self) -> str:
         """The caption that training and the cache use: the first line of the .txt."""
+        if not self.captions:
+            raise CorpusError(f"shard {self.shard}, key {self.key}: no caption (.txt); a classification sample "
+                              f"(.cls only) can be evaluated with `kd-eval zeroshot` but not cached or trained on")
         return self.captions[0]
 
 

@@ -11,6 +11,9 @@ scores are bit-identical and no tolerance is needed.
 """
 from __future__ import annotations
 
+import logging
+import string
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,8 +23,13 @@ import torch.nn.functional as F
 
 from common.retrieval import as_unit_float32
 
+log = logging.getLogger(__name__)
+
 LOGIT_SCALE = 100.0  # CLIP's fixed zero-shot temperature; it does not change any metric
-DEFAULT_TEMPLATE = "a photo of a {}."  # CLIP's single-prompt baseline, used when a task ships no templates
+# template files looked for beside the class names: this project's (`kd-data synth`), CLIP_benchmark's
+TEMPLATE_FILES = ("templates.txt", "zeroshot_classification_templates.txt")
+DEFAULT_TEMPLATE = "a photo of a {c}."  # CLIP's single-prompt baseline, used (and reported) when none is found
+DEFAULT_SOURCE = "default"
 
 
 # ---------------------------------------------------------------- classnames / templates
@@ -46,31 +54,56 @@ def read_classnames(path: str | Path) -> list[str]:
 
 
 def check_template(template: str) -> None:
-    """A prompt template must contain exactly one `{}` slot and no other format fields."""
-    if "{}" not in template:
-        raise ValueError(f"template {template!r} has no '{{}}' placeholder for the class name")
+    """A prompt template has exactly one slot for the class name: `{c}` (CLIP_benchmark) or `{}` (this project)."""
     try:
-        template.format("x")
-    except (IndexError, KeyError, ValueError) as err:
+        slots = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as err:
         raise ValueError(f"template {template!r} is not a valid one-slot format string: {err}") from err
+    if not slots:
+        raise ValueError(f"template {template!r} has no '{{}}' placeholder (nor '{{c}}') for the class name")
+    if slots not in ([""], ["c"]):
+        raise ValueError(f"template {template!r} is not a valid one-slot format string: slots {slots}, "
+                         f"expected one '{{c}}' or one '{{}}'")
+
+
+def fill_template(template: str, classname: str) -> str:
+    """The prompt of one class: `template` with its `{c}` or `{}` slot filled (format ignores the other)."""
+    return template.format(classname, c=classname)
 
 
 def read_templates(path: str | Path) -> list[str]:
-    """Prompt templates such as ``a photo of a {}.``, one per line (blank lines ignored)."""
+    """Prompt templates such as ``a photo of a {c}.`` or ``a photo of a {}.``, one per line (blank lines ignored)."""
     templates = _read_lines(path, "templates")
     for template in templates:
         check_template(template)
     return templates
 
 
-def templates_for(classnames_path: str | Path, templates_path: str | Path | None = None) -> list[str]:
-    """The prompt templates of a zero-shot task: `templates_path` when given, else a ``templates.txt`` beside
-    the class names file (the layout `kd-data synth` and CLIP_benchmark-style folders use), else
-    [DEFAULT_TEMPLATE]."""
+@dataclass(frozen=True)
+class PromptTemplates:
+    """The templates of a zero-shot task and where they came from (a file, or DEFAULT_SOURCE)."""
+    templates: list[str]
+    source: str
+
+    def describe(self) -> str:
+        return f"{len(self.templates)} templates from {self.source}"
+
+    def as_json(self) -> dict:
+        """For the result JSON (CLIP_benchmark's --dump_templates key, plus the source)."""
+        return {"templates": self.templates, "templates_source": self.source}
+
+
+def templates_for(classnames_path: str | Path, templates_path: str | Path | None = None) -> PromptTemplates:
+    """The prompt templates of a zero-shot task: `templates_path` when given, else the first of TEMPLATE_FILES
+    beside the class names file, else [DEFAULT_TEMPLATE] with a warning. `.source` says which."""
     if templates_path is None:
-        beside = Path(classnames_path).with_name("templates.txt")
-        templates_path = beside if beside.is_file() else None
-    return read_templates(templates_path) if templates_path is not None else [DEFAULT_TEMPLATE]
+        beside = (Path(classnames_path).with_name(name) for name in TEMPLATE_FILES)
+        templates_path = next((path for path in beside if path.is_file()), None)
+    if templates_path is not None:
+        return PromptTemplates(read_templates(templates_path), str(templates_path))
+    log.warning("no %s beside %s: using the single default template %r (pass --templates to choose)",
+                " or ".join(TEMPLATE_FILES), classnames_path, DEFAULT_TEMPLATE)
+    return PromptTemplates([DEFAULT_TEMPLATE], DEFAULT_SOURCE)
 
 
 # ---------------------------------------------------------------- classifier and metrics
@@ -89,7 +122,7 @@ def build_classifier(encode_text: Callable[[list[str]], torch.Tensor], classname
                          f"got {len(classnames)} and {len(templates)}")
     for template in templates:
         check_template(template)
-    prompts = [template.format(name) for name in classnames for template in templates]
+    prompts = [fill_template(template, name) for name in classnames for template in templates]
     embeddings = torch.cat([F.normalize(encode_text(prompts[s:s + batch_size]).float(), dim=-1)
                             for s in range(0, len(prompts), batch_size)])
     per_class = embeddings.reshape(len(classnames), len(templates), -1).mean(dim=1)
@@ -150,17 +183,21 @@ def result_json(dataset: str, model: str, pretrained: str, task: str, metrics: d
     return {"dataset": dataset, "model": model, "pretrained": pretrained, "task": task, "metrics": plain}
 
 
+def as_percent(value) -> str:
+    """A fraction in [0, 1] as a percentage with one decimal (the tables' one unit), None as 'n/a'."""
+    return "n/a" if value is None else f"{100 * value:.1f}"
+
+
 def format_table(metrics: dict) -> str:
-    """Two-column, left-aligned `metric  value` table; floats with 4 decimals, None as 'n/a'."""
+    """Two-column, left-aligned `metric  value (%)` table: fractions as percent with one decimal, None as 'n/a',
+    integers (counts) as they are."""
     if not metrics:
         return "(no metrics)"
     width = max(len("metric"), *(len(name) for name in metrics))
 
     def cell(value) -> str:
-        if value is None:
-            return "n/a"
-        return f"{value:.4f}" if isinstance(value, (float, np.floating)) else str(value)
+        return as_percent(value) if value is None or isinstance(value, (float, np.floating)) else str(value)
 
-    rows = [f"{'metric':<{width}}  value", f"{'-' * width}  -----"]
+    rows = [f"{'metric':<{width}}  value (%)", f"{'-' * width}  ---------"]
     rows += [f"{name:<{width}}  {cell(value)}" for name, value in metrics.items()]
     return "\n".join(rows)

@@ -12,13 +12,17 @@ from common.cache import CacheStore
 from common.corpus import ON_ERROR_CHOICES, Corpus
 from common.errors import run_reporting_errors
 from common.models import create_clip
-from common.retrieval import retrieval_metrics
+from common.retrieval import retrieval_metrics, without_aliases
 from common.zeroshot import format_table, read_classnames, result_json, templates_for, zeroshot_metrics
 from evaluation.compare import (RANDOM_INIT, RETRIEVAL_TASK, ZEROSHOT_TASK, Entry, ZeroshotTask, compare,
                                 markdown_table, write_figure)
 from evaluation.encode import cache_split, encode_classifier, encode_split
+from evaluation.layout import classnames_file, shard_spec
 
 EXISTING_FILE = click.Path(exists=True, dir_okay=False)
+TEMPLATES_HELP = ("prompt templates, one per line, with {c} or {} for the class name (default: templates.txt or "
+                  "zeroshot_classification_templates.txt beside the class names, else 'a photo of a {c}.'; "
+                  "which were used is printed and recorded in the result JSON)")
 
 
 def parse_ks(ctx, param, value: str) -> tuple[int, ...]:
@@ -46,7 +50,8 @@ def model_options(fn):
         click.option("--checkpoint", type=EXISTING_FILE, default=None,
                      help="local weights (state_dict or {'state_dict': ...}, e.g. a kd-train student.pt); "
                           "without it the model is randomly initialised"),
-        click.option("--data", required=True, help="shards: brace pattern, directory, or '::'-separated list"),
+        click.option("--data", required=True, help="shards (brace pattern, directory, or '::'-separated list), "
+                                                   "or a CLIP_benchmark webdataset root (<root>/test/*.tar)"),
         click.option("--batch-size", default=256, show_default=True),
         click.option("--device", default="cpu", show_default=True, help="cpu or cuda"),
         click.option("--workers", default=2, show_default=True, help="DataLoader decoding workers"),
@@ -68,7 +73,7 @@ def main(verbose: bool):
 def evaluate_retrieval(model, checkpoint, cache, data, k, index, batch_size, device, workers, on_error,
                        first_caption) -> dict:
     """Retrieval result JSON of a model (every caption, or the first) or of a cache's stored embeddings."""
-    corpus = Corpus.open(data, on_error=on_error)
+    corpus = Corpus.open(shard_spec(data), on_error=on_error)
     if cache:
         store = CacheStore(cache)
         split = cache_split(store, corpus)
@@ -98,29 +103,33 @@ def retrieval(output, **kwargs):
     if not kwargs["cache"] and not kwargs["model"]:
         raise click.UsageError("give --model (with --checkpoint), or --cache")
     result = run_reporting_errors(evaluate_retrieval, **kwargs)
-    click.echo(format_table(result["metrics"]))
+    click.echo(format_table(without_aliases(result["metrics"])))
     write_json(result, output)
 
 
 def evaluate_zeroshot(model, checkpoint, data, classnames, templates, batch_size, device, workers,
                       on_error) -> dict:
-    """Zero-shot classification result JSON: images against per-class mean prompt embeddings."""
+    """Zero-shot classification result JSON: images against per-class mean prompt embeddings; it records the
+    templates used and their source."""
+    classnames = classnames_file(data, classnames)
     names, prompts = read_classnames(classnames), templates_for(classnames, templates)
     clip = create_clip(model, checkpoint, device=device)
-    split = encode_split(clip, Corpus.open(data, on_error=on_error), batch_size, workers, "none", on_error)
-    click.echo(f"{data}: {split.summary()}, {len(names)} classes, {len(prompts)} templates")
+    split = encode_split(clip, Corpus.open(shard_spec(data), on_error=on_error), batch_size, workers, "none",
+                         on_error)
+    click.echo(f"{data}: {split.summary()}, {len(names)} classes from {classnames}, {prompts.describe()}")
     metrics = zeroshot_metrics(split.image_emb, split.require_labels(),
-                               encode_classifier(clip, names, prompts, batch_size))
-    return result_json(data, model, checkpoint or RANDOM_INIT, ZEROSHOT_TASK, metrics)
+                               encode_classifier(clip, names, prompts.templates, batch_size))
+    return result_json(data, model, checkpoint or RANDOM_INIT, ZEROSHOT_TASK, metrics) | prompts.as_json()
 
 
 @main.command()
 @model_options
-@click.option("--classnames", type=EXISTING_FILE, required=True, help="class names, line i = class i")
-@click.option("--templates", type=EXISTING_FILE, default=None,
-              help="prompt templates with {} (default: templates.txt beside --classnames, else 'a photo of a {}.')")
+@click.option("--classnames", type=EXISTING_FILE, default=None,
+              help="class names, line i = class i (default: classnames.txt in the dataset root or --data folder)")
+@click.option("--templates", type=EXISTING_FILE, default=None, help=TEMPLATES_HELP)
 def zeroshot(output, **kwargs):
-    """Zero-shot classification (acc1, acc5, mean per-class recall); labels from each sample's json `label`."""
+    """Zero-shot classification (acc1, acc5, mean per-class recall); labels from each sample's `.cls`, or the
+    `label` of its `.json`."""
     if not kwargs["model"]:
         raise click.UsageError("give --model")
     result = run_reporting_errors(evaluate_zeroshot, **kwargs)
@@ -128,12 +137,16 @@ def zeroshot(output, **kwargs):
     write_json(result, output)
 
 
-def run_comparison(entry, data, teacher_entry, zeroshot_data, classnames, templates, k, batch_size, device,
-                   workers):
+def run_comparison(entry, data, teacher_entry, baseline_entry, zeroshot_data, classnames, templates, k, batch_size,
+                   device, workers):
     """Parse the entries and the zero-shot task, then compare."""
-    task = ZeroshotTask(zeroshot_data, read_classnames(classnames), templates_for(classnames, templates)) \
-        if zeroshot_data else None
-    return compare([Entry.parse(e) for e in entry], data, teacher_entry, task, k, batch_size, device, workers)
+    task = None
+    if zeroshot_data:
+        classnames = classnames_file(zeroshot_data, classnames)
+        task = ZeroshotTask(zeroshot_data, read_classnames(classnames), templates_for(classnames, templates))
+        click.echo(f"{zeroshot_data}: classes from {classnames}, {task.templates.describe()}")
+    return compare([Entry.parse(e) for e in entry], data, teacher_entry, task, k, batch_size, device, workers,
+                   baseline_entry)
 
 
 @main.command(name="compare")
@@ -141,10 +154,13 @@ def run_comparison(entry, data, teacher_entry, zeroshot_data, classnames, templa
               help="NAME=MODEL[:CHECKPOINT], repeatable, e.g. --entry baseline=kd-demo-student:runs/b/student.pt")
 @click.option("--data", required=True, help="retrieval split (shards)")
 @click.option("--teacher-entry", default=None, help="entry the others are aligned to (default: the first)")
-@click.option("--zeroshot-data", default=None, help="zero-shot split (needs --classnames)")
-@click.option("--classnames", type=EXISTING_FILE, default=None)
-@click.option("--templates", type=EXISTING_FILE, default=None,
-              help="default: templates.txt beside --classnames, else 'a photo of a {}.'")
+@click.option("--baseline-entry", default=None,
+              help="entry the others are measured against: a 'vs baseline' column and a one-line verdict")
+@click.option("--zeroshot-data", default=None,
+              help="zero-shot split: shards or a CLIP_benchmark root (classnames.txt found in it or given)")
+@click.option("--classnames", type=EXISTING_FILE, default=None,
+              help="default: classnames.txt in the --zeroshot-data root or folder")
+@click.option("--templates", type=EXISTING_FILE, default=None, help=TEMPLATES_HELP)
 @click.option("--k", "k", default="1,5,10", show_default=True, callback=parse_ks)
 @click.option("--batch-size", default=256, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
@@ -154,8 +170,8 @@ def run_comparison(entry, data, teacher_entry, zeroshot_data, classnames, templa
 @click.option("--output", type=click.Path(dir_okay=False), default=None, help="write all results as JSON")
 def compare_command(markdown, figure, output, **kwargs):
     """Several models on one split: retrieval (and zero-shot) metrics and alignment with the teacher entry."""
-    if bool(kwargs["zeroshot_data"]) != bool(kwargs["classnames"]):
-        raise click.UsageError("--zeroshot-data and --classnames go together")
+    if kwargs["classnames"] and not kwargs["zeroshot_data"]:
+        raise click.UsageError("--classnames belongs to --zeroshot-data: give the zero-shot split too")
     comparison = run_reporting_errors(run_comparison, **kwargs)
     table = markdown_table(comparison)
     click.echo(table)

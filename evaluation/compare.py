@@ -16,12 +16,15 @@ from common.alignment import alignment_metrics
 from common.corpus import Corpus
 from common.models import create_clip
 from common.retrieval import retrieval_metrics
-from common.zeroshot import result_json, zeroshot_metrics
+from common.zeroshot import PromptTemplates, as_percent, result_json, zeroshot_metrics
 from evaluation.encode import EncodedSplit, encode_classifier, encode_split
+from evaluation.layout import shard_spec
 
 RETRIEVAL_TASK, ZEROSHOT_TASK = "zeroshot_retrieval", "zeroshot_classification"
 RANDOM_INIT = "random-init"  # the `pretrained` reported for a model evaluated without weights
 ALIGNMENT_COLUMNS = ("image_cosine", "text_cosine", "image_cka", "text_cka")
+VS_BASELINE = "vs baseline"
+ZEROSHOT_COLUMNS = ("acc1", "acc5")
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ class ZeroshotTask:
     """A zero-shot classification split with its class names and prompt templates."""
     data: str
     classnames: list[str]
-    templates: list[str]
+    templates: PromptTemplates
 
 
 @dataclass
@@ -67,15 +70,46 @@ class Comparison:
     teacher: str
     ks: tuple[int, ...]
     evaluated: list[Evaluated]
+    baseline: str | None = None  # the entry the others are measured against in the "vs baseline" column
 
     def metrics(self, e: Evaluated) -> dict:
         """All of an entry's numbers in one flat dict: retrieval, zero-shot, alignment."""
         return {k: v for result in e.results.values() for k, v in result["metrics"].items()} | e.alignment
 
-    def columns(self) -> list[str]:
+    def score_columns(self) -> list[str]:
+        """The task metrics: recall@k both ways, and zero-shot accuracy when evaluated."""
         retrieval = [f"{way}_R@{k}" for way in ("i2t", "t2i") for k in self.ks]
-        zeroshot = ["acc1", "acc5"] if ZEROSHOT_TASK in self.evaluated[0].results else []
-        return retrieval + zeroshot + list(ALIGNMENT_COLUMNS)
+        return retrieval + (list(ZEROSHOT_COLUMNS) if ZEROSHOT_TASK in self.evaluated[0].results else [])
+
+    def columns(self) -> list[str]:
+        return self.score_columns() + list(ALIGNMENT_COLUMNS)
+
+    def mean_score(self, e: Evaluated) -> float:
+        """The mean of an entry's task metrics (`score_columns`), a fraction."""
+        metrics = self.metrics(e)
+        return float(np.mean([metrics[c] for c in self.score_columns()]))
+
+    def vs_baseline(self, e: Evaluated) -> float | None:
+        """mean_score(e) - mean_score(baseline), a fraction; None without a baseline."""
+        if self.baseline is None:
+            return None
+        baseline = next(b for b in self.evaluated if b.entry.name == self.baseline)
+        return self.mean_score(e) - self.mean_score(baseline)
+
+    def verdict(self) -> str | None:
+        """One line: each entry other than the baseline and the teacher against the baseline."""
+        others = [e for e in self.evaluated if e.entry.name not in (self.baseline, self.teacher)]
+        if self.baseline is None or not others:
+            return None
+        def against_baseline(e: Evaluated) -> str:
+            points = round(100 * self.vs_baseline(e), 1)  # as the table shows it
+            if points == 0:
+                return f"`{e.entry.name}` ties `{self.baseline}`"
+            way = "beats" if points > 0 else "trails"
+            return f"`{e.entry.name}` {way} `{self.baseline}` by {abs(points):.1f} points"
+
+        parts = [against_baseline(e) for e in others]
+        return f"Verdict: {'; '.join(parts)} (mean of {', '.join(self.score_columns())})."
 
     def to_json(self) -> dict:
         return {"dataset": self.data, "teacher": self.teacher,
@@ -96,10 +130,10 @@ def evaluate_entry(entry: Entry, data: Corpus, zeroshot: tuple[Corpus, ZeroshotT
     if zeroshot is not None:
         corpus, task = zeroshot
         images = encode_split(clip, corpus, batch_size, workers, captions="none")
-        classifier = encode_classifier(clip, task.classnames, task.templates, batch_size)
+        classifier = encode_classifier(clip, task.classnames, task.templates.templates, batch_size)
         evaluated.results[ZEROSHOT_TASK] = result_json(
             task.data, entry.name, pretrained, ZEROSHOT_TASK,
-            zeroshot_metrics(images.image_emb, images.require_labels(), classifier))
+            zeroshot_metrics(images.image_emb, images.require_labels(), classifier)) | task.templates.as_json()
     return evaluated
 
 
@@ -113,61 +147,77 @@ def alignment_to(student: EncodedSplit, teacher: EncodedSplit) -> dict[str, floa
 
 def compare(entries: list[Entry], data: str, teacher: str | None = None, zeroshot: ZeroshotTask | None = None,
             ks: tuple[int, ...] = (1, 5, 10), batch_size: int = 256, device: str = "cpu",
-            workers: int = 0) -> Comparison:
+            workers: int = 0, baseline: str | None = None) -> Comparison:
     """Evaluate every entry on `data` (and the zero-shot task); alignment against the entry named `teacher`
-    (default: the first entry)."""
+    (default: the first entry); the "vs baseline" column and verdict against the entry named `baseline`."""
     names = [e.name for e in entries]
     if not entries:
         raise ValueError("give at least one --entry NAME=MODEL[:CHECKPOINT]")
     if len(set(names)) != len(names):
         raise ValueError(f"--entry names must be unique, got {names}")
     teacher = teacher or names[0]
-    if teacher not in names:
-        raise ValueError(f"--teacher-entry {teacher!r} is not one of the entries {names}")
-    corpus = Corpus.open(data)
-    zeroshot_split = (Corpus.open(zeroshot.data), zeroshot) if zeroshot else None
+    for option, name in (("--teacher-entry", teacher), ("--baseline-entry", baseline)):
+        if name is not None and name not in names:
+            raise ValueError(f"{option} {name!r} is not one of the entries {names}")
+    corpus = Corpus.open(shard_spec(data))
+    zeroshot_split = (Corpus.open(shard_spec(zeroshot.data)), zeroshot) if zeroshot else None
     evaluated = [evaluate_entry(e, corpus, zeroshot_split, ks, batch_size, device, workers) for e in entries]
     reference = evaluated[names.index(teacher)].split
     for e in evaluated:
         e.alignment = alignment_to(e.split, reference)
-    return Comparison(corpus.spec, teacher, ks, evaluated)
+    return Comparison(data, teacher, ks, evaluated, baseline)
 
 
-def _cell(value) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
+def _signed_points(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:+.1f}"
 
 
 def markdown_table(comparison: Comparison) -> str:
-    """A GitHub-markdown table: one row per entry, one column per metric; alignment is vs the teacher entry."""
+    """A GitHub-markdown table in percent: one row per entry, one column per metric (alignment is vs the teacher
+    entry), plus a "vs baseline" column and a one-line verdict when the comparison has a baseline."""
     columns = comparison.columns()
-    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    extra = [VS_BASELINE] if comparison.baseline else []
+    lines = ["| model | " + " | ".join(columns + extra) + " |", "|---|" + "---:|" * len(columns + extra)]
     for e in comparison.evaluated:
         metrics = comparison.metrics(e)
-        lines.append(f"| {e.entry.name} | " + " | ".join(_cell(metrics[c]) for c in columns) + " |")
+        cells = [as_percent(metrics[c]) for c in columns] + [_signed_points(comparison.vs_baseline(e))] * len(extra)
+        lines.append(f"| {e.entry.name} | " + " | ".join(cells) + " |")
     zeroshot = " and zero-shot classification" if "acc1" in columns else ""
-    note = (f"Retrieval on `{comparison.data}`{zeroshot}; `*_cosine` / `*_cka`: alignment of paired embeddings "
-            f"with the teacher entry `{comparison.teacher}` (cosine n/a when embedding widths differ).")
-    return "\n".join(lines) + "\n\n" + note + "\n"
+    note = (f"Percent. Retrieval on `{comparison.data}`{zeroshot}; `*_cosine` / `*_cka`: alignment of paired "
+            f"embeddings with the teacher entry `{comparison.teacher}` (cosine n/a when embedding widths differ).")
+    if comparison.baseline:
+        note += (f" `{VS_BASELINE}`: mean of the recall and accuracy columns minus `{comparison.baseline}`'s, "
+                 f"in points.")
+    verdict = comparison.verdict()
+    return "\n".join(lines) + "\n\n" + note + "\n" + (f"\n{verdict}\n" if verdict else "")
 
 
 def write_figure(comparison: Comparison, path: str | Path) -> Path:
-    """PNG: recall@k bars per model (both directions), and histograms of each model's paired-caption cosine."""
+    """PNG, in percent: recall@k bars per model (both directions), zero-shot accuracy bars when evaluated, and
+    histograms of each model's paired-caption cosine."""
     from matplotlib.figure import Figure  # slow to import, and only --figure needs it
 
-    recall_columns = [c for c in comparison.columns() if "_R@" in c]
-    figure = Figure(figsize=(13, 4.5), layout="constrained")  # a bare Figure renders with Agg: no pyplot state
-    bars, hist = figure.subplots(1, 2, width_ratios=(3, 2))
+    recall_columns = [c for c in comparison.score_columns() if "_R@" in c]
+    accuracy_columns = [c for c in comparison.score_columns() if c in ZEROSHOT_COLUMNS]
+    panels = [(recall_columns, "recall (%)", f"retrieval on {Path(comparison.data).name}")]
+    if accuracy_columns:
+        panels.append((accuracy_columns, "accuracy (%)", "zero-shot classification"))
+    figure = Figure(figsize=(6 + 3.5 * len(panels), 4.5), layout="constrained")  # bare Figure: Agg, no pyplot
+    axes = figure.subplots(1, len(panels) + 1, width_ratios=[len(c) for c, _, _ in panels] + [3])
     width = 0.8 / len(comparison.evaluated)
+    for ax, (columns, ylabel, title) in zip(axes, panels):
+        for i, e in enumerate(comparison.evaluated):
+            metrics = comparison.metrics(e)
+            ax.bar(np.arange(len(columns)) + i * width, [100 * metrics[c] for c in columns], width,
+                   label=e.entry.name)
+        ax.set_xticks(np.arange(len(columns)) + 0.4 - width / 2, columns)
+        ax.set(ylim=(0, 100), ylabel=ylabel, title=title)
+        ax.legend()
+    hist = axes[-1]
     similarities = [e.split.paired_similarity() for e in comparison.evaluated]
     bins = np.histogram_bin_edges(np.concatenate(similarities), bins=30)  # shared, so the models compare
-    for i, (e, similarity) in enumerate(zip(comparison.evaluated, similarities)):
-        metrics = comparison.metrics(e)
-        bars.bar(np.arange(len(recall_columns)) + i * width, [metrics[c] for c in recall_columns], width,
-                 label=e.entry.name)
+    for e, similarity in zip(comparison.evaluated, similarities):
         hist.hist(similarity, bins=bins, alpha=0.5, label=e.entry.name)
-    bars.set_xticks(np.arange(len(recall_columns)) + 0.4 - width / 2, recall_columns)
-    bars.set(ylim=(0, 1), ylabel="recall", title=f"retrieval on {Path(comparison.data).name}")
-    bars.legend()
     hist.set(xlabel="cosine(image, its caption)", ylabel="captions", title="paired-caption similarity")
     hist.legend()
     path = Path(path)

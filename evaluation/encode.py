@@ -25,7 +25,7 @@ NO_LABEL = -1
 @dataclass
 class EncodedSplit:
     """A split's embeddings: images (N, D), captions (M, D) with the image of each caption, and per image its
-    key and class label (NO_LABEL where its .json has none; labels None when the source cannot know them)."""
+    key and class label (NO_LABEL where it has none; labels None when the source cannot know them)."""
     image_emb: np.ndarray
     text_emb: np.ndarray
     text_to_image: np.ndarray
@@ -42,17 +42,17 @@ class EncodedSplit:
         return np.einsum("ij,ij->i", self.image_emb[self.text_to_image], self.text_emb)
 
     def require_labels(self) -> np.ndarray:
-        """The class labels, or a ValueError naming the first sample without an integer json `label`."""
+        """The class labels, or a ValueError naming the first sample without one (`.cls`, or `label` in its .json)."""
         missing = np.ones(len(self.keys), bool) if self.labels is None else self.labels == NO_LABEL
         if missing.any():
-            raise ValueError(f"sample {self.keys[np.argmax(missing)]} has no integer 'label' in its .json "
+            raise ValueError(f"sample {self.keys[np.argmax(missing)]} has no integer 'label' (a .cls, or in its .json) "
                              f"({int(missing.sum())} of {len(self.keys)} samples lack one): zero-shot "
                              f"classification needs the class index of every image")
         return self.labels
 
 
 def _label(meta: dict) -> int:
-    """A sample's integer class from its .json `label`, or NO_LABEL."""
+    """A sample's integer class (its `.cls`, or its .json `label`: common.decode puts both in meta), or NO_LABEL."""
     label = meta.get("label")
     return label if isinstance(label, int) and not isinstance(label, bool) else NO_LABEL
 

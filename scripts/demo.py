@@ -66,7 +66,8 @@ def main(argv=None) -> None:
         "--entry", f"teacher={TEACHER}:{teacher_run / 'student.pt'}",
         "--entry", f"baseline={STUDENT}:{out / 'baseline' / 'student.pt'}",
         "--entry", f"distilled={STUDENT}:{out / 'distilled' / 'student.pt'}",
-        "--teacher-entry", "teacher", "--markdown", out / "results.md", "--figure", out / "results.png",
+        "--teacher-entry", "teacher", "--baseline-entry", "baseline",
+        "--markdown", out / "results.md", "--figure", out / "results.png",
         "--output", out / "results.json", "--device", args.device],
         out / "results.md", inputs=(teacher_run, out / "baseline", out / "distilled"))
     print(f"\n{(out / 'results.md').read_text()}\nfigure: {out / 'results.png'}\n"

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from common.cache import CacheError, CacheStore, ChunkedRows
+from common.contrastive import clip_loss_grads
 from common.models import LoadedCLIP
 from stage2_student.features import forward_features
 from stage2_student.losses import CACHEABLE_TARGETS, TeacherTargets
@@ -80,13 +81,16 @@ class TargetProvider:
         image = self.arrays["image_emb"].take(rows, axis=0) if "image_emb" in self.arrays else None
         if image is not None and image.ndim == 3:  # (b, 1+K, D): the view each sample was shown
             image = image[np.arange(len(rows)), batch["view"].numpy()]
-        return TeacherTargets(
+        targets = TeacherTargets(
             image_emb=torch.from_numpy(self.cache.to_float("image_emb", image)) if image is not None else None,
-            text_emb=get("text_emb"),
-            logit_scale=self.logit_scale,
-            image_grad=get("image_grad") if grads else None,
-            text_grad=get("text_grad") if grads else None,
-        )
+            text_emb=get("text_emb"), logit_scale=self.logit_scale)
+        if grads and "image_grad" in self.arrays:
+            if bool((batch["view"] == 0).all()):
+                targets.image_grad, targets.text_grad = get("image_grad"), get("text_grad")
+            else:  # stored gradients are the clean view's: recompute them exactly for the views served
+                targets.image_grad, targets.text_grad = clip_loss_grads(targets.image_emb, targets.text_emb,
+                                                                        self.logit_scale)
+        return targets
 
     def _from_teacher(self, batch: dict) -> TeacherTargets:
         if self.teacher is None:

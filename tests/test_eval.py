@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import tarfile
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import common.models
 
 from common.retrieval import retrieval_metrics_bruteforce
 from evaluation import compare as compare_module
+from evaluation.compare import RETRIEVAL_TASK, ZEROSHOT_TASK, Comparison, Entry, Evaluated, markdown_table
 from evaluation.cli import main
 from stage1_teacher.build import BuildOptions, build_cache
 from tests.helpers import cli, save_random_checkpoint
@@ -91,7 +93,10 @@ def test_retrieval_matches_direct_open_clip_bruteforce(synth_corpus, ckpts, stud
         "text_retrieval_recall", "image_retrieval_recall", "i2t_R", "t2i_R")}
     expected = retrieval_metrics_bruteforce(student_val["image"], student_val["text"], student_val["text_to_image"])
     assert report["metrics"] == pytest.approx(expected, abs=1e-12)
-    assert "text_retrieval_recall@1" in result.output  # the stdout table
+    assert "text_retrieval_recall@1" in result.output  # the stdout table: each metric once, in percent
+    printed = [line.split()[0] for line in result.output.splitlines() if "_R@" in line or "recall@" in line]
+    assert sorted(printed) == sorted(f"{way}_retrieval_recall@{k}" for way in ("text", "image") for k in KS)
+    assert f"{100 * expected['text_retrieval_recall@1']:.1f}" in result.output
 
 
 def test_cache_metrics_equal_teacher_first_captions(synth_corpus, ckpts, val_cache, tmp_path):
@@ -151,13 +156,17 @@ def test_compare_table_figure_alignment(synth_corpus, ckpts, student_val, tmp_pa
     zeroshot = synth_corpus / "zeroshot"
     kd_eval("compare", "--data", synth_corpus / "val", "--entry", f"teacher={TEACHER}:{ckpts[TEACHER]}",
             "--entry", f"student={STUDENT}:{ckpts[STUDENT]}", "--zeroshot-data", zeroshot,
-            "--classnames", zeroshot / "classnames.txt", "--workers", 0,
+            "--classnames", zeroshot / "classnames.txt", "--workers", 0, "--baseline-entry", "student",
             "--markdown", md, "--figure", png, "--output", out)
     assert len(encodings) == 4  # each model once per split
     table = md.read_text()
-    for column in ("| teacher |", "| student |", "i2t_R@1", "t2i_R@10", "acc1", "image_cka", "text_cosine"):
+    for column in ("| teacher |", "| student |", "i2t_R@1", "t2i_R@10", "acc1", "image_cka", "text_cosine",
+                   "vs baseline |"):
         assert column in table
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+    assert table.splitlines()[3].endswith(" | +0.0 |")  # the baseline against itself
+    png_bytes = png.read_bytes()
+    assert png_bytes[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+    assert struct.unpack(">II", png_bytes[16:24]) == (1300, 450)  # recall, zero-shot accuracy, similarity panels
     report = json.loads(out.read_text())
     assert report["alignment"]["teacher"] == pytest.approx(
         {"image_cosine": 1.0, "text_cosine": 1.0, "image_cka": 1.0, "text_cka": 1.0})
@@ -219,3 +228,31 @@ def test_zeroshot_without_labels_names_the_sample(synth_corpus, ckpts):
     result = kd_eval("zeroshot", "--model", STUDENT, "--checkpoint", ckpts[STUDENT], "--data", synth_corpus / "val",
                      "--classnames", zeroshot / "classnames.txt", "--workers", 0, code=1)
     assert "sample 000000192 has no integer 'label'" in result.output  # the first val key
+
+
+def comparison_of(scores: dict[str, tuple[float, float, float, float]], baseline: str | None) -> Comparison:
+    """A comparison of entries with given (i2t_R@1, t2i_R@1, acc1, acc5), without running models."""
+    evaluated = []
+    for name, (i2t, t2i, acc1, acc5) in scores.items():
+        e = Evaluated(Entry(name, STUDENT), split=None)
+        e.results = {RETRIEVAL_TASK: {"metrics": {"i2t_R@1": i2t, "t2i_R@1": t2i}},
+                     ZEROSHOT_TASK: {"metrics": {"acc1": acc1, "acc5": acc5}}}
+        e.alignment = {"image_cosine": None, "text_cosine": None, "image_cka": 0.5, "text_cka": 0.25}
+        evaluated.append(e)
+    return Comparison("val", "teacher", (1,), evaluated, baseline)
+
+
+def test_markdown_table_in_percent_with_vs_baseline_and_a_verdict():
+    table = markdown_table(comparison_of({"teacher": (0.8, 0.7, 0.4, 0.9), "baseline": (0.1, 0.1, 0.06, 0.2),
+                                          "distilled": (0.2, 0.15, 0.06, 0.25)}, baseline="baseline"))
+    lines = table.splitlines()
+    assert lines[0] == "| model | i2t_R@1 | t2i_R@1 | acc1 | acc5 | image_cosine | text_cosine | image_cka | " \
+                       "text_cka | vs baseline |"
+    assert lines[4] == "| distilled | 20.0 | 15.0 | 6.0 | 25.0 | n/a | n/a | 50.0 | 25.0 | +5.0 |"
+    assert lines[3].endswith("| +0.0 |") and lines[2].endswith("| +58.5 |")
+    assert lines[-1] == "Verdict: `distilled` beats `baseline` by 5.0 points (mean of i2t_R@1, t2i_R@1, acc1, acc5)."
+    tie = markdown_table(comparison_of({"teacher": (0.8, 0.7, 0.4, 0.9), "baseline": (0.1, 0.1, 0.06, 0.2),
+                                        "same": (0.1, 0.1, 0.06, 0.2), "worse": (0.1, 0.1, 0.02, 0.2)}, "baseline"))
+    assert tie.splitlines()[-1].startswith("Verdict: `same` ties `baseline`; `worse` trails `baseline` by 1.0 points")
+    without = markdown_table(comparison_of({"teacher": (0.8, 0.7, 0.4, 0.9)}, baseline=None))
+    assert "vs baseline" not in without and "Verdict" not in without

@@ -375,3 +375,38 @@ def test_all_losses_on_tiny_open_clip_models():
     for p in (student_model.visual.conv1.weight, student_model.token_embedding.weight, student_model.logit_scale,
               proj_v.weight, proj_t.weight):
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
+def test_attention_kl_gradient_matches_float64_where_student_attention_is_tiny():
+    """At attention-logit std 6 many A_s fall below 1e-8; clamping there zeroed -A_t / A_s and so the gradient."""
+    torch.manual_seed(0)
+    n = NT
+    logits = (6 * torch.randn(B, HS, n, n, dtype=torch.float64)).requires_grad_()
+    causal = torch.ones(n, n).triu(1).bool()  # masked entries: A_s = A_t = 0, as in the text tower
+    a_t = torch.randn(B, HS, n, n, dtype=torch.float64).masked_fill(causal, float("-inf")).softmax(-1)
+    masked_logits = lambda z: z.masked_fill(causal, float("-inf"))  # noqa: E731
+    log_a_s = masked_logits(logits).log_softmax(-1).nan_to_num(neginf=0.0)  # 0 log 0 = 0 where masked
+    reference = (torch.xlogy(a_t, a_t) - a_t * log_a_s).sum(-1).mean()
+    (expected,) = torch.autograd.grad(reference, logits)
+    a_s = masked_logits(logits.float()).softmax(-1)
+    assert (a_s[..., ~causal] < 1e-8).float().mean() > 0.05  # the regime the clamp got wrong
+    (grad,) = torch.autograd.grad(attention_kl(a_s, a_t.float()), logits)
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad, expected, rtol=1e-3, atol=1e-7)
+
+
+def test_learnable_scales_are_clamped_in_place_after_a_step_and_keep_their_gradient():
+    """ICL's and AFD's scales: once exp(param) passed 100 the forward clamp zeroed their gradient forever."""
+    student, teacher = make_batch()
+    losses = LossSet("icl,afd,fd", DIMS)
+    scales = [losses.losses["icl"].scale.param, losses.losses["afd"].scale.param]
+    with torch.no_grad():
+        for param in scales:
+            param.fill_(6.0)  # exp(6) = 403: what an optimizer step may leave
+    losses.after_step()
+    for param in scales:
+        assert param.item() == pytest.approx(math.log(100.0))
+    total, _ = losses(student, teacher)
+    total.backward()
+    for param in scales:
+        assert param.grad is not None and param.grad.item() != 0.0

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.zeroshot import (build_classifier, format_table, read_classnames, read_templates, result_json,
-                             zeroshot_metrics)
+from common.zeroshot import (build_classifier, fill_template, format_table, read_classnames, read_templates,
+                             result_json, templates_for, zeroshot_metrics)
 
 CLASSNAMES = ["cat", "dog", "car"]
 TEMPLATES = ["a photo of a {}.", "a drawing of a {}.", "{} in the wild"]
@@ -123,12 +123,22 @@ def test_readers(tmp_path):
     assert read_templates(tmp_path / "templates.txt") == ["a photo of a {}.", "{} in the wild"]
 
 
+def test_both_placeholder_styles_fill_the_class_name(tmp_path):
+    """CLIP_benchmark's templates use {c}, this project's {}; both read and give the same prompts."""
+    (tmp_path / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\n{c} in the wild\n")
+    (tmp_path / "classnames.txt").write_text("cat\n")
+    found = templates_for(tmp_path / "classnames.txt")
+    assert found.source == str(tmp_path / "zeroshot_classification_templates.txt")
+    assert [fill_template(t, "cat") for t in found.templates] == [fill_template(t, "cat") for t in TEMPLATES[::2]]
+
+
 @pytest.mark.parametrize("reader, text, message", [
     (read_classnames, "\n \n", "no class names"),
     (read_classnames, "cat\ndog\ncat\n", r"duplicated class names \['cat'\]"),
     (read_templates, "a photo of a {}.\na photo\n", "no '{}' placeholder"),
     (read_templates, "a {} of a {}\n", "one-slot"),
     (read_templates, "a {} of {name}\n", "one-slot"),
+    (read_templates, "a {c} of a {}\n", "one-slot"),
 ])
 def test_readers_reject_bad_files(tmp_path, reader, text, message):
     path = tmp_path / "list.txt"
@@ -147,8 +157,8 @@ def test_result_json_shape_and_serialisable():
 def test_format_table():
     table = format_table({"acc1": 0.123456, "paired_cosine": None, "n": 3})
     lines = table.splitlines()
-    assert lines[0].split() == ["metric", "value"]
-    assert lines[2].split() == ["acc1", "0.1235"]
+    assert lines[0].split() == ["metric", "value", "(%)"]
+    assert lines[2].split() == ["acc1", "12.3"]  # percent with one decimal (was 0.1235: one unit in tables)
     assert lines[3].split() == ["paired_cosine", "n/a"]
     assert lines[4].split() == ["n", "3"]
     assert format_table({}) == "(no metrics)"

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 MAX_SCALE = 100.0  # CLIP's clamp on exp(logit_scale)
+LOG_MAX_SCALE = math.log(MAX_SCALE)
 
 
 def normalise(x: torch.Tensor) -> torch.Tensor:
@@ -21,10 +22,11 @@ def diag_ce(logits: torch.Tensor) -> torch.Tensor:
 
 
 class LogitScale(nn.Module):
-    """A learnable contrastive scale c = min(exp(param), 100), param initialised to log(1/0.07) (CLIP's init).
+    """A learnable contrastive scale c = exp(min(param, log 100)), param initialised to log(1/0.07) (CLIP's init).
 
     The public CLIP-KD code used its ICL/AFD scale parameters raw (c = 2.66, temperature 0.38); here they are
-    exponentiated and clamped like CLIP's own logit scale.
+    exponentiated and clamped like CLIP's own logit scale: in the forward, and in place after each optimizer
+    step (`clamp_`), since a parameter left above log 100 would get a zero gradient forever.
     """
 
     def __init__(self):
@@ -32,7 +34,14 @@ class LogitScale(nn.Module):
         self.param = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def forward(self) -> torch.Tensor:
-        return self.param.float().exp().clamp(max=MAX_SCALE)
+        param = self.param.float()
+        # where, not clamp: at param = log 100, where `clamp_` leaves it, clamp's gradient is 0 and where's is 1
+        return torch.where(param <= LOG_MAX_SCALE, param, torch.full_like(param, LOG_MAX_SCALE)).exp()
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """param <- min(param, log 100), as the student's own logit scale after each optimizer step."""
+        self.param.clamp_(max=LOG_MAX_SCALE)
 
 
 def _grid_side(n_patches: int) -> int:

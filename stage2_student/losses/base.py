@@ -14,6 +14,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ._ops import LogitScale
+
 # Teacher targets the cache can hold; anything else comes from the live teacher.
 CACHEABLE_TARGETS = frozenset({"image_emb", "text_emb", "logit_scale", "image_grad", "text_grad"})
 
@@ -75,6 +77,12 @@ class DistillLoss(nn.Module):
 
     def forward(self, student: StudentOutputs, teacher: TeacherTargets) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def after_step(self) -> None:
+        """Called by the loop after each optimizer step: every learnable scale (`LogitScale`) is clamped in place."""
+        for module in self.modules():
+            if isinstance(module, LogitScale):
+                module.clamp_()
 
 
 LOSSES: dict[str, type[DistillLoss]] = {}
@@ -139,6 +147,11 @@ class LossSet(nn.Module):
     @property
     def needs_teacher(self) -> bool:
         return bool(self.teacher_needs)
+
+    def after_step(self) -> None:
+        """Call after every `optimizer.step()`: each loss keeps its learnable parts in range (`DistillLoss.after_step`)."""
+        for loss in self.losses.values():
+            loss.after_step()
 
     def forward(self, student: StudentOutputs, teacher: TeacherTargets) -> tuple[torch.Tensor, dict[str, float]]:
         """Weighted sum, and each unweighted term for the log.

@@ -49,8 +49,11 @@ def attention_kl(a_s: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
     """KL(A_t ‖ A_s), summed over keys, mean over batch, heads and queries; heads averaged if their counts differ."""
     if a_s.shape[1] != a_t.shape[1]:
         a_s, a_t = a_s.mean(1, keepdim=True), a_t.mean(1, keepdim=True)
-    # xlogy: masked (causal) entries where A_t = 0 contribute 0; the clamp keeps log A_s finite there
-    return (torch.xlogy(a_t, a_t) - a_t * a_s.clamp_min(1e-8).log()).sum(-1).mean()
+    # 0 log 0 = 0: entries where A_t = 0 (causal masks) contribute nothing. log A_s is taken only where A_t > 0
+    # (elsewhere of 1), so the gradient -A_t / A_s stays exact however small A_s is (a clamp would zero it), and
+    # masked entries, where A_s = 0 too, get a zero gradient instead of 0 / 0
+    log_a_s = torch.where(a_t > 0, a_s, torch.ones_like(a_s)).log()
+    return (torch.xlogy(a_t, a_t) - a_t * log_a_s).sum(-1).mean()
 
 
 def _layers(dims: Dims, tower: str) -> tuple[int, int]:

@@ -1,0 +1,59 @@
+"""GD's teacher gradients with `--augment --batching cache` on a store with views.
+
+The store's gradients are those of the clean view (view 0) of each gradient batch; a batch whose samples saw a
+stored augmented view must get the exact gradients of the embeddings it is served, never view 0's.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from common.contrastive import clip_loss_grads
+from stage2_student.train import Trainer, TrainOptions
+from tests.helpers import cli, save_random_checkpoint
+
+TEACHER, STUDENT = "kd-test-teacher", "kd-test-student"
+
+
+@pytest.fixture(scope="module")
+def store_with_views(synth_corpus, tmp_path_factory) -> Path:
+    """A real `kd-cache build --views 2` store over the train split, gradient batches of 32."""
+    root = tmp_path_factory.mktemp("gd_views")
+    ckpt = save_random_checkpoint(TEACHER, root / "teacher.pt", seed=3)
+    cli("stage1_teacher.cli", "build", "--teacher", TEACHER, "--pretrained", ckpt, "--data", synth_corpus / "train",
+        "--out", root / "views.zarr", "--views", 2, "--batch-size", 32, "--grad-batch", 32, "--chunk-rows", 64,
+        "--workers", 0)
+    return root / "views.zarr"
+
+
+def trainer(corpus: Path, store: Path, out: Path, augment: bool) -> Trainer:
+    return Trainer(TrainOptions(data=str(corpus / "train"), out=str(out), student=STUDENT, cache=str(store),
+                                losses="gd", batching="cache", augment=augment, batch_size=32, steps=1, warmup=1,
+                                workers=0))
+
+
+def test_augmented_views_get_the_gradients_of_their_own_embeddings(synth_corpus, store_with_views, tmp_path):
+    t = trainer(synth_corpus, store_with_views, tmp_path, augment=True)
+    batch = t.loader(0, 0).dataset[0]
+    assert set(batch["view"].tolist()) <= {1, 2}  # every sample saw a stored augmented view
+    served = t.targets(batch, is_cached_grad_batch=True)
+    exact = clip_loss_grads(served.image_emb, served.text_emb, served.logit_scale)
+    torch.testing.assert_close(served.image_grad, exact[0])
+    torch.testing.assert_close(served.text_grad, exact[1])
+    stored = zarr.open_group(str(store_with_views), mode="r")["image_grad"][...][batch["cache_rows"].numpy()]
+    assert not np.allclose(served.image_grad.numpy(), stored.astype(np.float32), atol=1e-4)  # view 0's differ
+
+
+def test_clean_view_batches_get_the_stored_gradients(synth_corpus, store_with_views, tmp_path):
+    t = trainer(synth_corpus, store_with_views, tmp_path, augment=False)
+    batch = t.loader(0, 0).dataset[0]
+    assert set(batch["view"].tolist()) == {0}
+    served = t.targets(batch, is_cached_grad_batch=True)
+    group = zarr.open_group(str(store_with_views), mode="r")
+    rows = batch["cache_rows"].numpy()
+    assert torch.equal(served.image_grad, torch.from_numpy(group["image_grad"][...][rows].astype(np.float32)))
+    assert torch.equal(served.text_grad, torch.from_numpy(group["text_grad"][...][rows].astype(np.float32)))

@@ -180,6 +180,73 @@ def store_bytes(dim: int, rows: int, dtype: str, grads: bool, tmp: Path) -> dict
             "verify_s_per_million_rows": verify_s / rows * 1e6, "integrity_ok": ok}
 
 
+def synthetic_store(spec: str, out: Path, cache_dir: str) -> dict:
+    """A complete store over the real corpus index with random unit targets (no teacher pass: a CPU build of 1.6M
+    samples would take hours); shaped like kd-test-teacher's (D = 48), without gradients."""
+    os.environ["KD_CACHE_DIR"] = cache_dir
+    from common.cache import create_store
+    from common.corpus import Corpus
+    from common.models import create_clip
+    from stage1_teacher.build import BuildOptions, store_attrs
+    corpus = Corpus.open(spec)
+    teacher = create_clip("kd-test-teacher")
+    opts = BuildOptions(teacher="kd-test-teacher", data=spec, out=str(out), grads=False)
+    attrs = store_attrs(opts, teacher, corpus)
+    group = create_store(str(out), attrs, corpus.index)
+    rng = np.random.default_rng(0)
+    rows = opts.chunk_rows
+    for start in range(0, corpus.num_samples, rows):
+        n = min(rows, corpus.num_samples - start)
+        for name in ("image_emb", "text_emb"):
+            unit = rng.standard_normal((n, teacher.embed_dim)).astype(np.float32)
+            group[name][start:start + n] = (unit / np.linalg.norm(unit, axis=1, keepdims=True)).astype(np.float16)
+        group["valid"][start:start + n] = True
+    group["blocks_done"][:] = True
+    group.attrs.update({"initialized": True, "complete": True, "invalid_count": 0})
+    return {"targets_bytes": 2 * corpus.num_samples * teacher.embed_dim * 2, "dim": teacher.embed_dim}
+
+
+def process_tree_pss(root: int) -> int:
+    """PSS of a process and all its descendants (torchrun, its ranks, their DataLoader workers)."""
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            for line in open(f"/proc/{pid}/smaps_rollup"):
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+            for task in os.listdir(f"/proc/{pid}/task"):
+                todo += [int(c) for c in open(f"/proc/{pid}/task/{task}/children").read().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+def ranks_run(ranks: int, spec: str, store: Path | None, cache_dir: str, out: Path) -> dict:
+    """kd-train with `ranks` processes on this node (2 DataLoader workers each), from the cache (task + FD) or,
+    without a store, plain CLIP (the memory of everything but the targets): peak PSS of all of them, and seconds
+    from launch to the first metrics line (every rank has started: step 1 gathers them all)."""
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc-per-node={ranks}"] if ranks > 1 else [])
+    targets = ["--cache", str(store), "--losses", "task,fd"] if store else ["--losses", "task"]
+    cmd = launcher + ["-m", "stage2_student.cli", *targets, "--data", spec, "--out", str(out),
+                      "--student", "kd-test-student", "--batch-size", str(32 * ranks),
+                      "--steps", "3", "--workers", "2", "--warmup", "1", "--log-every", "1"]
+    subprocess.run(["rm", "-rf", str(out)])
+    env = {**os.environ, "KD_CACHE_DIR": cache_dir, "OMP_NUM_THREADS": "1"}
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak, first_step = 0, None
+    while proc.poll() is None:
+        peak = max(peak, process_tree_pss(proc.pid))
+        if first_step is None and (out / "metrics.jsonl").exists():
+            first_step = time.perf_counter() - start
+        time.sleep(0.2)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr.read().decode()[-2000:])
+    return {"ranks": ranks, "targets": bool(store), "peak_pss_MB": peak / 2**20, "first_step_s": first_step,
+            "total_s": time.perf_counter() - start}
+
+
 def fit(sizes, values) -> tuple[float, float]:
     """Least-squares a + b·N."""
     b, a = np.polyfit(np.asarray(sizes, float), np.asarray(values, float), 1)
@@ -190,6 +257,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 400_000, 1_600_000])
     parser.add_argument("--root", default=str(Path(tempfile.gettempdir()) / "kd-bench-scale"))
+    parser.add_argument("--ranks", type=int, nargs="*", default=[1, 2, 2, 4],
+                        help="kd-train process counts to run on the largest corpus (the first 2 makes the node copy)")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
     root = Path(args.root)
@@ -199,13 +268,14 @@ def main() -> None:
         corpus = root / f"corpus-{n}"
         t = time.perf_counter()
         write_corpus(corpus, n)
+        written_s = time.perf_counter() - t
         cache_dir = str(root / f"kdcache-{n}")
         subprocess.run(["rm", "-rf", cache_dir])
         first = probe(str(corpus), "open", cache_dir)  # scans the shards, writes the sidecar
         again = probe(str(corpus), "workers", cache_dir)  # loads the sidecar
         start = train_start(str(corpus), cache_dir, str(root / f"run-{n}"))
         subprocess.run(["rm", "-rf", str(root / f"run-{n}")])
-        row = {"samples": first["samples"], "write_corpus_s": time.perf_counter() - t,
+        row = {"samples": first["samples"], "write_corpus_s": written_s,
                "index_build_s": first["open_s"], "open_s": again["open_s"],
                "index_bytes_per_sample": again["index_nbytes"] / n, "rss_index_MB": again["rss_index"] / 2**20,
                "rss_process_MB": again["rss_total"] / 2**20, "pss_main_MB": again["pss_main"] / 2**20,
@@ -219,6 +289,18 @@ def main() -> None:
         a, b = fit(sizes, values) if len(sizes) > 1 else (0.0, values[0] / sizes[0])
         extrapolated[key] = {"fixed": a, "per_million": b * 1e6, "at_11M": a + b * CC12M}
     results["extrapolated_11M"] = extrapolated
+    if args.ranks:
+        n = max(sizes)
+        spec, cache_dir = str(root / f"corpus-{n}"), str(root / f"kdcache-{n}")
+        store = root / f"store-{n}.zarr"
+        subprocess.run(["rm", "-rf", str(store), str(Path(cache_dir) / "targets")])
+        results["rank_store"] = synthetic_store(spec, store, cache_dir)
+        runs = []
+        for ranks in args.ranks:
+            for with_store in (None, store):
+                runs.append(ranks_run(ranks, spec, with_store, cache_dir, root / f"run-ranks-{ranks}"))
+                print(json.dumps(runs[-1]))
+        results["ranks"] = runs
     with tempfile.TemporaryDirectory() as tmp:
         results["gradient_window"] = gradient_window(512, 8192, 1024)
         results["stores"] = [store_bytes(512, 20_480, "fp16", True, Path(tmp)),

@@ -1,6 +1,7 @@
 """torchrun integration: one process per rank, gloo on CPU, nccl on GPU. A plain `python` run is rank 0 of 1."""
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
@@ -13,7 +14,10 @@ def init_distributed(device: str) -> tuple[int, int]:
         return 0, 1
     if not dist.is_initialized():
         backend = "nccl" if str(device).startswith("cuda") else "gloo"
-        dist.init_process_group(backend=backend)
+        # No phase keeps the other ranks waiting long (index scans, windows and gradients are spread over ranks);
+        # the timeout is explicit so that one slow start on object storage does not trip NCCL's 10-minute default.
+        timeout = datetime.timedelta(seconds=float(os.environ.get("KD_DIST_TIMEOUT_S", 3600)))
+        dist.init_process_group(backend=backend, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 

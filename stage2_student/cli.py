@@ -42,7 +42,8 @@ from stage2_student.train import DEFAULT_LOSSES, TrainOptions, train
 @click.option("--resume", is_flag=True, help="continue the run in --out from its resume.pt")
 @click.option("--init", default=None, help="student initial weights (open_clip checkpoint)")
 @click.option("--target-memory-gb", default=None, type=float,
-              help="cached targets larger than this are read chunk-aware instead of held in memory (default: half the RAM)")
+              help="memory for cached targets per node, shared by its ranks: larger targets are read chunk-aware "
+                   "instead of held whole (default: half the RAM)")
 @click.option("-v", "--verbose", is_flag=True)
 def main(verbose: bool, **kwargs):
     """Train a CLIP student against a teacher cache (live teacher as fallback)."""

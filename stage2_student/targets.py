@@ -1,17 +1,22 @@
 """Teacher targets per batch: from the cache when it holds them for the view the student saw, otherwise from the
 live teacher (loaded once from the cache's provenance), batch by batch.
 
-Cached arrays are held in memory when they fit the memory budget (fp16 as stored: N x (1+K) x D x 2 bytes for
-image embeddings, N x D x 2 for text, N x D x 4 per gradient array); rows are then gathered by numpy indexing and
-the hot path never touches Zarr. Above the budget they are read chunk-aware (`ChunkedRows`: whole chunks, kept in
-an LRU sized to the budget). `TargetProvider.memory_bytes` and `.chunked` say which and how much.
+The memory budget is a node's. Cached arrays that fit it are held whole (as stored: N x (1+K) x D x 2 bytes for fp16
+image embeddings, N x D x 2 for text, N x D x 2 per gradient array): in memory for a single process, and as a memory
+map of one node-local copy shared by all ranks of a node under torchrun; rows are gathered by numpy indexing and the
+hot path never touches Zarr. Above the budget each rank reads them chunk-aware (`ChunkedRows`: whole chunks, kept in
+an LRU of its share of the budget). `TargetProvider.memory_bytes` and `.chunked` say which and how much.
 """
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
 
-from common.cache import CacheError, CacheStore, ChunkedRows
+from common import dist
+from common.cache import CacheError, CacheStore, ChunkedRows, read_chunked
+from common.storage import cache_dir
 from common.contrastive import clip_loss_grads
 from common.models import LoadedCLIP
 from stage2_student.features import forward_features
@@ -24,6 +29,26 @@ _LIVE_FEATURE = {"image_emb": "image_emb", "text_emb": "text_emb", "image_tokens
 
 def uncacheable(needs: frozenset[str]) -> frozenset[str]:
     return needs - CACHEABLE_TARGETS
+
+
+def node_local_copy(cache: CacheStore, name: str) -> np.ndarray:
+    """A cached array as a read-only memory map of a copy on this node's disk ($KD_CACHE_DIR/targets), written once
+    per node by local rank 0 (chunk by chunk, checksums verified) and kept for later runs: every rank of the node
+    reads the same pages, so the node holds one copy of the targets, not one per rank."""
+    path = cache_dir() / "targets" / f"{cache.attrs['content_hash'][:32]}-{name}.npy"
+    if os.environ.get("LOCAL_RANK", "0") == "0" and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        array = cache.array(name)
+        tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npy")
+        copy = np.lib.format.open_memmap(tmp, mode="w+", dtype=array.dtype, shape=array.shape)
+        rows = array.chunks[0]
+        for start in range(0, array.shape[0], rows):
+            copy[start:start + rows] = read_chunked(array, start, start + rows, f"cache {cache.path}")
+        copy.flush()
+        del copy
+        os.replace(tmp, path)
+    dist.barrier()
+    return np.load(path, mmap_mode="r")
 
 
 class TargetProvider:
@@ -43,12 +68,15 @@ class TargetProvider:
             cache.require(sorted(wanted), why=f"the chosen losses ({', '.join(sorted(needs))})")
             total = sum(cache.nbytes(name) for name in wanted)
             self.chunked = memory_budget is not None and total > memory_budget
-            if self.chunked:  # split the budget across the arrays, in whole chunks
+            if self.chunked:  # split the rank's share of the budget across the arrays, in whole chunks
                 chunks = max(1, cache.attrs["build"]["chunk_rows"])
-                share = lambda name: memory_budget * cache.nbytes(name) // total  # noqa: E731
+                mine = memory_budget // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+                share = lambda name: mine * cache.nbytes(name) // total  # noqa: E731
                 per_chunk = lambda name: cache.nbytes(name) * chunks // max(cache.num_rows, 1)  # noqa: E731
                 self.arrays = {name: ChunkedRows(cache.array(name), share(name) // max(per_chunk(name), 1),
                                                  f"cache {cache.path}") for name in wanted}
+            elif int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > 1:  # one copy per node, shared by its ranks
+                self.arrays = {name: node_local_copy(cache, name) for name in wanted}
             else:
                 self.arrays = {name: cache.load(name) for name in wanted}
 

@@ -160,7 +160,7 @@ class Trainer:
             self.teacher = (clip_from_provenance(self.cache.attrs["teacher"], opts.teacher_pretrained, self.device)
                             if self.cache else create_clip(opts.teacher, opts.teacher_pretrained, self.device))
             self.teacher.model.eval()
-        budget = (opts.target_memory_gb * 2**30 if opts.target_memory_gb is not None
+        budget = (opts.target_memory_gb * 2**30 if opts.target_memory_gb is not None  # per node
                   else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2)
         self.targets = TargetProvider(opts.teacher_targets, needs, optional, self.cache, self.teacher,
                                       grad_batches=opts.batching == "cache", memory_budget=int(budget))

@@ -26,7 +26,7 @@ def store_with_views(synth_corpus, tmp_path_factory) -> Path:
     ckpt = save_random_checkpoint(TEACHER, root / "teacher.pt", seed=3)
     cli("stage1_teacher.cli", "build", "--teacher", TEACHER, "--pretrained", ckpt, "--data", synth_corpus / "train",
         "--out", root / "views.zarr", "--views", 2, "--batch-size", 32, "--grad-batch", 32, "--chunk-rows", 64,
-        "--workers", 0)
+        "--window-blocks", 1, "--workers", 0)
     return root / "views.zarr"
 
 
@@ -44,8 +44,9 @@ def test_augmented_views_get_the_gradients_of_their_own_embeddings(synth_corpus,
     exact = clip_loss_grads(served.image_emb, served.text_emb, served.logit_scale)
     torch.testing.assert_close(served.image_grad, exact[0])
     torch.testing.assert_close(served.text_grad, exact[1])
-    stored = zarr.open_group(str(store_with_views), mode="r")["image_grad"][...][batch["cache_rows"].numpy()]
-    assert not np.allclose(served.image_grad.numpy(), stored.astype(np.float32), atol=1e-4)  # view 0's differ
+    group = zarr.open_group(str(store_with_views), mode="r")
+    stored = group["image_grad"][...][batch["cache_rows"].numpy()].astype(np.float32) / group.attrs["grad_scale"]
+    assert not np.allclose(served.image_grad.numpy(), stored, atol=1e-4)  # view 0's differ
 
 
 def test_clean_view_batches_get_the_stored_gradients(synth_corpus, store_with_views, tmp_path):
@@ -54,6 +55,6 @@ def test_clean_view_batches_get_the_stored_gradients(synth_corpus, store_with_vi
     assert set(batch["view"].tolist()) == {0}
     served = t.targets(batch, is_cached_grad_batch=True)
     group = zarr.open_group(str(store_with_views), mode="r")
-    rows = batch["cache_rows"].numpy()
-    assert torch.equal(served.image_grad, torch.from_numpy(group["image_grad"][...][rows].astype(np.float32)))
-    assert torch.equal(served.text_grad, torch.from_numpy(group["text_grad"][...][rows].astype(np.float32)))
+    rows, scale = batch["cache_rows"].numpy(), np.float32(group.attrs["grad_scale"])  # stored as g * grad_scale
+    assert torch.equal(served.image_grad, torch.from_numpy(group["image_grad"][...][rows].astype(np.float32) / scale))
+    assert torch.equal(served.text_grad, torch.from_numpy(group["text_grad"][...][rows].astype(np.float32) / scale))

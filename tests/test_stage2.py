@@ -197,7 +197,9 @@ def test_resume_after_sigkill_reproduces_losses(synth_corpus, cache, tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key)
 
 
-def test_two_ranks_step0_losses_equal_single_process(synth_corpus, cache, tmp_path):
+def test_two_ranks_step0_losses_equal_single_process(synth_corpus, cache, tmp_path, kd_cache_dir):
+    """Two ranks on one node read the targets from one node-local memory-mapped copy, and give the
+    single-process losses."""
     args = ["--data", str(synth_corpus / "train"), "--student", STUDENT, "--cache", str(cache),
             "--losses", "task,fd,icl,crd,gd,afd", "--batch-size", "32", "--steps", "1", "--log-every", "1",
             "--workers", "0", "--warmup", "1"]
@@ -206,6 +208,7 @@ def test_two_ranks_step0_losses_equal_single_process(synth_corpus, cache, tmp_pa
                              "stage2_student.cli", "--out", str(tmp_path / "two"), *args], cwd=REPO,
                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
+    assert list((kd_cache_dir / "targets").glob("*-image_emb.npy")), "no node-local copy of the targets"
     one, two = _metrics(tmp_path / "one")[0], _metrics(tmp_path / "two")[0]
     for key in ("loss", "task", "fd", "icl", "crd", "gd", "afd"):
         assert one[key] == pytest.approx(two[key], rel=1e-4), key

@@ -1,0 +1,92 @@
+"""Gradients at two bytes: the stored fp16 (scaled) teacher gradients against exact fp32 ones, and GD training with
+each (same student init, same batches: the build's gradient batches, `--batching cache`).
+
+    python bench/bench_grad_precision.py --steps 40 --json bench/results/grad_precision.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._common import command_line  # noqa: E402
+from common.cache import CacheStore, dequantize  # noqa: E402
+from common.contrastive import clip_loss_grads  # noqa: E402
+from common.synth import generate_corpus  # noqa: E402
+from stage1_teacher.build import BuildOptions, build_cache  # noqa: E402
+from stage2_student.train import Trainer, TrainOptions  # noqa: E402
+from tests.helpers import save_random_checkpoint  # noqa: E402
+
+
+class RecomputedGradients:
+    """A target provider that recomputes GD's teacher gradients in fp32 from the cached embeddings on every batch."""
+
+    def __init__(self, provider):
+        self.provider = provider
+
+    def __call__(self, batch, is_cached_grad_batch):
+        return self.provider(batch, False)
+
+    def __getattr__(self, name):
+        return getattr(self.provider, name)
+
+
+class ExactGradientTrainer(Trainer):
+    """The same run, with exact instead of stored gradients."""
+
+    def __init__(self, opts):
+        super().__init__(opts)
+        self.targets = RecomputedGradients(self.targets)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--json", metavar="PATH")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        generate_corpus(root / "corpus", {"train": 1024}, shard_size={"train": 256}, seed=0, image_size=32)
+        ckpt = save_random_checkpoint("kd-test-teacher", root / "t.pt", seed=0)
+        store = root / "s.zarr"
+        build_cache(BuildOptions(teacher="kd-test-teacher", pretrained=str(ckpt), data=str(root / "corpus/train"),
+                                 out=str(store), batch_size=128, grad_batch=64, workers=0))
+        # 1. per-entry error of the stored gradients, over every gradient batch
+        cache = CacheStore(str(store))
+        batches = cache.load("grad_batches")
+        image, text = dequantize(cache.load("image_emb")), dequantize(cache.load("text_emb"))
+        stored = cache.to_float("image_grad", cache.load("image_grad"))
+        errors = []
+        for batch in batches[(batches >= 0).any(axis=1)]:
+            idx = batch[batch >= 0]
+            exact, _ = clip_loss_grads(torch.from_numpy(image[idx]), torch.from_numpy(text[idx]),
+                                       cache.teacher_logit_scale)
+            errors.append(float((torch.from_numpy(stored[idx]) - exact).abs().max() / exact.abs().max()))
+        # 2. GD training with stored vs exact gradients
+        runs = {}
+        for name, cls in (("stored_fp16", Trainer), ("exact_fp32", ExactGradientTrainer)):
+            opts = TrainOptions(data=str(root / "corpus/train"), out=str(root / name), student="kd-test-student",
+                                cache=str(store), losses="task,gd", batching="cache", batch_size=64,
+                                steps=args.steps, warmup=5, workers=0, log_every=1, seed=0)
+            cls(opts).run()
+            runs[name] = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
+        gd = {name: np.array([m["gd"] for m in metrics]) for name, metrics in runs.items()}
+        rel = np.abs(gd["stored_fp16"] - gd["exact_fp32"]) / np.abs(gd["exact_fp32"])
+    result = {"command": command_line(), "grad_max_rel_error_per_batch": {"max": max(errors),
+                                                                           "median": float(np.median(errors))},
+              "gd_loss_first_last": {k: [float(v[0]), float(v[-1])] for k, v in gd.items()},
+              "gd_loss_max_rel_diff_over_run": float(rel.max()), "steps": args.steps}
+    print(json.dumps(result, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -12,6 +12,7 @@ the local cache directory (`$KD_CACHE_DIR`, default ~/.cache/clip-kd) and reads 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import posixpath
 import shlex
@@ -22,6 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
+
+
+# The S3 client stack logs where it found credentials and endpoints at INFO on every process start; our commands
+# log at INFO, so keep those libraries' own loggers to warnings (-v still shows ours).
+for _library in ("botocore", "aiobotocore", "s3fs"):
+    logging.getLogger(_library).setLevel(logging.WARNING)
 
 
 class StorageError(OSError):
@@ -99,6 +106,17 @@ def stat_many(urls: list[str]) -> list[Stat]:
     for url in urls:
         if is_pipe(url):  # the command's output is only known once run: its local copy stands for it
             out[url] = Stat(pipe_copy(url).stat().st_size, "pipe")
+        elif url.startswith(("http://", "https://")):  # no listings on the web: one HEAD request per shard
+            fs, path = filesystem(url)
+            try:
+                info = fs.info(path)
+            except FileNotFoundError as e:
+                raise StorageError(f"shard {url} does not exist (HTTP 404): check the --data spec") from e
+            except Exception as e:  # noqa: BLE001
+                raise describe_failure(url, e) from e
+            if info.get("size") is None:
+                raise StorageError(f"shard {url}: the server gives no Content-Length; ranged reads need one")
+            out[url] = Stat(int(info["size"]), _remote_version(info))
         elif is_remote(url):
             by_parent.setdefault(posixpath.dirname(url), []).append(url)
         else:
@@ -126,8 +144,8 @@ def stat_many(urls: list[str]) -> list[Stat]:
 
 def list_tars(url: str) -> list[str] | None:
     """The *.tar files in a directory location, or None when the location is not a directory."""
-    if is_pipe(url):
-        return None
+    if is_pipe(url) or (url.startswith(("http://", "https://")) and not url.endswith("/")):
+        return None  # a web URL names a file; only a trailing slash asks for the server's listing
     if not is_remote(url):
         path = Path(local_path(url))
         return [str(p) for p in path.glob("*.tar")] if path.is_dir() else None

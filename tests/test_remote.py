@@ -64,6 +64,20 @@ def test_remote_corpus_reads_the_same_samples(remote_train, synth_corpus):
     assert [s.key for s in remote.read(60, 70)] == list(local.keys[60:70])  # ranged read across a shard border
 
 
+def test_https_style_shards_read_with_ranged_requests(remote_train, synth_corpus):
+    """Plain HTTP(S) URLs (here the S3 endpoint's public path-style URLs): HEAD for size, ranged GETs for rows."""
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    bucket_path = remote_train[len("s3://"):]
+    fs = fsspec.filesystem("s3")
+    for name in ("00000.tar", "00001.tar", "00002.tar"):
+        fs.chmod(f"{bucket_path}/{name}", acl="public-read")  # readable without credentials, as on the web
+    web = Corpus.open(f"{endpoint}/{bucket_path}/{{00000..00002}}.tar")
+    local = Corpus.open(str(synth_corpus / "train"))
+    assert web.description() == local.description()
+    a, b = web.read_rows([130])[0], local.read_rows([130])[0]
+    assert a.key == b.key and a.image.tobytes() == b.image.tobytes()
+
+
 def test_build_train_eval_on_object_storage(remote_train, s3, local_store, teacher_ckpt, synth_corpus, tmp_path):
     """Shards and store on S3 through the CLIs: the store equals a local build, verify passes, training from it
     gives the local run's step-0 losses, and kd-eval reads it."""

@@ -162,3 +162,15 @@ def quiet_stderr():
     except BaseException:
         sys.stderr.write(buffer.getvalue())
         raise
+
+
+def synthetic_index(rows: int):
+    """A corpus index of `rows` samples in one shard with 9-digit keys (img2dataset's), for stores whose
+    targets a benchmark writes itself."""
+    from common.index import CorpusIndex
+    keys = [f"{i:09d}".encode() for i in range(rows)]
+    return CorpusIndex(urls=["synthetic.tar"], names=["synthetic.tar"], sizes=np.array([rows * 3072]),
+                       versions=["0"], counts=np.array([rows]), ends=np.array([rows * 3072]), errors=[""],
+                       offsets=np.arange(rows, dtype=np.int64) * 3072,
+                       key_ends=np.cumsum([len(k) for k in keys]).astype(np.int64),
+                       key_bytes=np.frombuffer(b"".join(keys), np.uint8).copy())

@@ -28,7 +28,9 @@ import zarr
 
 import _common as C  # noqa: N812 - also puts the repo on sys.path
 import stage1_teacher.build as build
-from common.cache import CHUNK_ROWS, create_store, remove_store
+from common.cache import CHUNK_ROWS, create_store
+from common.index import read_index
+from common.storage import remove_tree
 from common.corpus import Corpus
 from common.models import create_clip
 from stage1_teacher.build import BlockBatches, BuildOptions, build_cache, encode_batch
@@ -66,7 +68,7 @@ class BuildProbe(logging.Handler):
     def run(self, opts: BuildOptions, seen: list[dict]) -> None:
         """One fresh build (the variant's previous store is removed first, inside the timing: a few ms);
         appends {loop_samples_per_s, teacher_s} to `seen`."""
-        remove_store(opts.out)
+        remove_tree(opts.out)
         self.loop_rate, self.teacher_s = None, 0.0
         with C.quiet_stderr():
             build_cache(opts)
@@ -102,21 +104,15 @@ def rewrite_as_fp32(src: Path, dst: Path) -> None:
     group = zarr.open_group(str(src), mode="r")
     attrs = dict(group.attrs)
     attrs["build"] = {**attrs["build"], "dtype": "fp32"}
-    shape = group["image_emb"].shape
-    out = create_store(dst, attrs, shape[0], attrs["embed_dim"], attrs["build"]["views"], "fp32",
-                       attrs["build"]["chunk_rows"], group["shard_names"].shape[0])
+    out = create_store(str(dst), attrs, read_index(group["index"]))
     for name in group.array_keys():
-        data = group[name][...]
-        if name in out:
-            out[name][...] = data
-        else:
-            out.create_array(name, data=data, chunks=group[name].chunks)
+        out[name][...] = group[name][...]
 
 
 def profile_build(opts: BuildOptions, top: int = 25) -> str:
     """cProfile of one build in this process (with workers > 0 it sees only the main process): the top
     functions by own time, then this repo's build steps (and the DataLoader) by cumulative time."""
-    remove_store(opts.out)
+    remove_tree(opts.out)
     profiler = cProfile.Profile()
     with C.quiet_stderr():
         profiler.runcall(build_cache, opts)

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._common import REPO, command_line, machine_info  # noqa: E402
+from bench._common import REPO, command_line, machine_info, synthetic_index  # noqa: E402
 
 SHARD = 10_000
 CC12M = 11_000_000
@@ -135,13 +135,8 @@ def store_bytes(dim: int, rows: int, dtype: str, grads: bool, tmp: Path) -> dict
     """Bytes per sample of a real store layout at width `dim` (random unit rows written through the cache API),
     its write and read throughput, and a full integrity pass."""
     from common.cache import CacheStore, create_store, quantize
-    from common.index import CorpusIndex
     from stage1_teacher.inspect import disk_bytes, integrity_lines
-    keys = [f"{i:09d}".encode() for i in range(rows)]
-    index = CorpusIndex(urls=["x.tar"], names=["x.tar"], sizes=np.array([1]), versions=["0"],
-                        counts=np.array([rows]), ends=np.array([1]), errors=[""],
-                        offsets=np.arange(rows, dtype=np.int64) * 3072, key_ends=np.cumsum([len(k) for k in keys]),
-                        key_bytes=np.frombuffer(b"".join(keys), np.uint8).copy())
+    index = synthetic_index(rows)
     chunk = 2048
     attrs = {"format_version": 2, "teacher": {}, "corpus": {}, "embed_dim": dim, "teacher_logit_scale": 100.0,
              "grad_scale": 10.24 if grads else None, "invalid_count": 0,

@@ -71,15 +71,15 @@ def trainers(args, data: Path, cache: Path, tmp: Path) -> dict[str, Trainer]:
 
 def big_store(real: CacheStore, rows: int, path: Path) -> CacheStore:
     """A complete store shaped like `real` with `rows` rows of random unit fp16 embeddings."""
-    build = real.attrs["build"]
-    group = create_store(path, real.attrs, rows, real.embed_dim, 0, build["dtype"], build["chunk_rows"], 1)
+    group = create_store(str(path), real.attrs, C.synthetic_index(rows))
     rng = np.random.default_rng(0)
     for name in ("image_emb", "text_emb"):
         x = rng.standard_normal((rows, real.embed_dim), dtype=np.float32)
         group[name][...] = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(group[name].dtype)
     group["valid"][...] = True
+    group["blocks_done"][...] = True
     group.attrs["complete"] = True
-    return CacheStore(path)
+    return CacheStore(str(path))
 
 
 def reader_requests(rows: int, batch: int, count: int) -> list[dict]:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from common.corpus import Corpus
+from common.corpus import Corpus, CorpusError
 from common.models import LoadedCLIP
 from common.views import CLEAN_VIEW, DEFAULT_SCALE, View, keyed_rng, render, sample_view, view_from_arrays
 
@@ -46,22 +46,30 @@ class TrainBatches(Dataset):
     teacher when targets may come from the live teacher)."""
 
     def __init__(self, corpus: Corpus, batches: np.ndarray, cache_rows: np.ndarray | None, rank: int, world: int,
-                 student: Renderer, teacher: Renderer | None, views: "ViewPolicy", epoch: int):
+                 student: Renderer, teacher: Renderer | None, views: "ViewPolicy", epoch: int,
+                 on_error: str = "raise"):
         self.corpus, self.batches, self.cache_rows = corpus, batches, cache_rows
         self.rank, self.world, self.epoch = rank, world, epoch
         self.student, self.teacher, self.views = student, teacher, views
+        self.on_error = on_error
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, step: int) -> dict:
         batch = self.batches[step]
-        local = np.array_split(batch, self.world)[self.rank]
-        samples = self.corpus.read_rows(local)
+        samples = self.corpus.read_rows(np.array_split(batch, self.world)[self.rank], self.on_error)
+        # with --on-error skip an unreadable sample leaves its batch (one sample smaller); no other sample moves
+        skipped = [f"{s.shard}/{s.key}: {s.error}" for s in samples if s.error]
+        samples = [s for s in samples if s.error is None]
+        if not samples:
+            raise CorpusError(f"every sample of this rank's part of batch {step} is unreadable: {skipped[:3]}")
+        local = np.array([s.row for s in samples], dtype=np.int64)
         chosen = [self.views.choose(s.key, self.epoch, None if self.cache_rows is None else self.cache_rows[s.row])
                   for s in samples]
         out = {
             "step": step,
+            "skipped": skipped,
             "rows": torch.from_numpy(local),
             "cache_rows": torch.from_numpy(self.cache_rows[local]) if self.cache_rows is not None else None,
             "view": torch.tensor([v for v, _ in chosen]),  # stored view number, -1 when the cache lacks it

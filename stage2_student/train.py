@@ -430,36 +430,37 @@ class Trainer:
                  "of chunks read on demand (over --target-memory-gb)" if self.targets.chunked else "in memory")
         last: dict = {}
         window_start, window_samples = time.perf_counter(), 0
-        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=self.rank != 0, dynamic_ncols=True)
-        while self.step < self.total_steps:
-            for batch in self.loader(epoch, start):
-                terms = self.train_step(batch)
-                self.step += 1
-                start += 1
-                window_samples += self.opts.batch_size
-                bar.update(1)
-                if self.step % self.opts.log_every == 0 or self.step == self.total_steps or self.step == 1:
-                    elapsed = time.perf_counter() - window_start
-                    hits, live = self.targets.cache_hits, self.targets.live_batches
-                    last = {"step": self.step, "epoch": epoch, "lr": self.scheduler.get_last_lr()[0], **terms,
-                            "samples_per_s": window_samples / elapsed if elapsed else None,
-                            "cache_hits": hits, "live_batches": live,
-                            "cache_hit_rate": hits / (hits + live) if hits + live else None}
-                    window_start, window_samples = time.perf_counter(), 0
-                    bar.set_postfix(loss=f"{terms['loss']:.4f}")
-                    if self.rank == 0:
-                        with metrics_path.open("a") as f:
-                            f.write(json.dumps(last) + "\n")
-                if self.step % self.opts.save_every == 0:
+        # closed on an error too, so that the error starts on its own line
+        with tqdm(total=self.total_steps, initial=self.step, unit="step", disable=self.rank != 0,
+                  dynamic_ncols=True) as bar:
+            while self.step < self.total_steps:
+                for batch in self.loader(epoch, start):
+                    terms = self.train_step(batch)
+                    self.step += 1
+                    start += 1
+                    window_samples += self.opts.batch_size
+                    bar.update(1)
+                    if self.step % self.opts.log_every == 0 or self.step == self.total_steps or self.step == 1:
+                        elapsed = time.perf_counter() - window_start
+                        hits, live = self.targets.cache_hits, self.targets.live_batches
+                        last = {"step": self.step, "epoch": epoch, "lr": self.scheduler.get_last_lr()[0], **terms,
+                                "samples_per_s": window_samples / elapsed if elapsed else None,
+                                "cache_hits": hits, "live_batches": live,
+                                "cache_hit_rate": hits / (hits + live) if hits + live else None}
+                        window_start, window_samples = time.perf_counter(), 0
+                        bar.set_postfix(loss=f"{terms['loss']:.4f}")
+                        if self.rank == 0:
+                            with metrics_path.open("a") as f:
+                                f.write(json.dumps(last) + "\n")
+                    if self.step % self.opts.save_every == 0:
+                        self.save(epoch, start)
+                    if dist.any_rank(signals.received is not None, self.device):
+                        self.stop_on_signal(signals.received or signal.SIGTERM, epoch, start)
+                    if self.step >= self.total_steps:
+                        break
+                else:
+                    epoch, start = epoch + 1, 0
                     self.save(epoch, start)
-                if dist.any_rank(signals.received is not None, self.device):
-                    self.stop_on_signal(signals.received or signal.SIGTERM, epoch, start)
-                if self.step >= self.total_steps:
-                    break
-            else:
-                epoch, start = epoch + 1, 0
-                self.save(epoch, start)
-        bar.close()
         self.save(epoch, start)
         dist.barrier()
         return last

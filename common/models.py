@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,14 +78,14 @@ def load_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
                                   f"{{'state_dict': ...}} written by torch.save): check the path")
     try:
         open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
-    except (pickle.UnpicklingError, EOFError, KeyError, AttributeError) as e:  # what torch.load / open_clip raise
-        raise not_a_checkpoint from e
     except (RuntimeError, AssertionError) as e:  # open_clip asserts on some shape mismatches
         if "PytorchStreamReader" in str(e):  # a damaged or foreign zip file
             raise not_a_checkpoint from e
         raise ModelError(
             f"checkpoint {path} does not fit this model ({type(model).__name__}): {str(e).splitlines()[0]} — "
             f"check --model/--teacher/--student names the architecture the checkpoint was trained as") from e
+    except Exception as e:  # noqa: BLE001 - unpickling a foreign file fails in any way (KeyError, IndexError, ...)
+        raise not_a_checkpoint from e
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 from common.errors import NonFiniteError, as_disk_full, user_message
+from common.lock import output_lock
 from common.synth import make_sample, write_shard
 from stage1_teacher.build import BuildOptions, build_cache
 from stage2_student.train import Trainer, TrainOptions
@@ -124,6 +126,14 @@ def test_second_writer_is_refused_naming_the_holder_and_a_killed_one_leaves_no_l
         assert not out.exists()  # refused before writing anything
         cli(*command)  # the killed holder left no stale lock
         assert (Path(str(out) + ".lock").read_text().strip()) != str(holder.pid)
+
+
+def test_remote_outputs_are_not_locked(tmp_path, caplog, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level(logging.DEBUG, logger="kd-lock")
+    with output_lock("s3://bucket/store.zarr"):
+        assert not list(tmp_path.rglob("*"))  # no lock file, not even a local s3: folder
+    assert "--out s3://bucket/store.zarr is remote: not locked" in caplog.text
 
 
 def test_two_kd_train_on_one_out_one_is_refused(synth_corpus, tmp_path):

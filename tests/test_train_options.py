@@ -83,7 +83,9 @@ def test_file_that_is_not_a_checkpoint_is_one_line_without_unsafe_advice(synth_c
     results = [cli("evaluation.cli", "retrieval", "--model", STUDENT, "--checkpoint", not_ckpt, "--data",
                    synth_corpus / "val", check=False),
                cli("stage2_student.cli", "--out", tmp_path / "r", *tiny_run(synth_corpus, "--init", not_ckpt),
-                   check=False)]
+                   check=False),
+               cli("stage1_teacher.cli", "build", "--teacher", TEACHER, "--pretrained", not_ckpt, "--data",
+                   synth_corpus / "val", "--out", tmp_path / "s.zarr", check=False)]
     for result in results:
         assert result.returncode == 1 and f"{not_ckpt} is not a torch checkpoint of tensors" in result.stderr
         assert "Traceback" not in result.stderr and "weights_only" not in result.stderr

@@ -91,6 +91,12 @@ def run_reporting_errors(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+# click types of the CLIs' numeric options: nonsense is refused at parse time, naming the option
+POSITIVE = click.IntRange(min=1)
+NON_NEGATIVE = click.IntRange(min=0)
+POSITIVE_FLOAT = click.FloatRange(min=0, min_open=True)
+
+
 def check_device(ctx, param, value: str) -> str:
     """click callback for --device: a CUDA device needs a GPU that torch sees."""
     if value.startswith("cuda") and not torch.cuda.is_available():

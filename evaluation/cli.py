@@ -10,7 +10,8 @@ import click
 
 from common.cache import CacheStore
 from common.corpus import ON_ERROR_CHOICES, Corpus
-from common.errors import DataPatternGroup, check_device, reported_errors, run_reporting_errors
+from common.errors import (NON_NEGATIVE, POSITIVE, DataPatternGroup, check_device, reported_errors,
+                           run_reporting_errors)
 from common.models import create_clip
 from common.retrieval import retrieval_metrics
 from common.zeroshot import format_table, read_classnames, result_json, templates_for, zeroshot_metrics
@@ -19,8 +20,6 @@ from evaluation.compare import (RANDOM_INIT, RETRIEVAL_TASK, ZEROSHOT_TASK, Entr
 from evaluation.encode import cache_split, encode_classifier, encode_split
 
 EXISTING_FILE = click.Path(exists=True, dir_okay=False)
-POSITIVE = click.IntRange(min=1)
-NON_NEGATIVE = click.IntRange(min=0)
 
 
 def parse_ks(ctx, param, value: str) -> tuple[int, ...]:

@@ -10,13 +10,10 @@ import click
 
 from common.cache import CHUNK_ROWS, DTYPES
 from common.corpus import ON_ERROR_CHOICES
-from common.errors import DataPatternGroup, check_device, reported_errors
+from common.errors import NON_NEGATIVE, POSITIVE, DataPatternGroup, check_device, reported_errors
 from common.lock import output_lock
 from stage1_teacher.build import BuildOptions, build_cache
 from stage1_teacher.inspect import store_summary, verify_store
-
-POSITIVE = click.IntRange(min=1)
-
 
 @click.group(cls=DataPatternGroup)
 @click.option("-v", "--verbose", "--debug", "verbose", is_flag=True, help="debug log, with error tracebacks")
@@ -33,11 +30,11 @@ def main(verbose: bool):
 @click.option("--batch-size", default=256, show_default=True, type=POSITIVE)
 @click.option("--grad-batch", default=1024, show_default=True, type=click.IntRange(min=2),
               help="rows per gradient batch")
-@click.option("--views", default=0, show_default=True, type=click.IntRange(min=0),
+@click.option("--views", default=0, show_default=True, type=NON_NEGATIVE,
               help="augmented views K stored beside the clean view")
 @click.option("--device", default="cpu", show_default=True, callback=check_device,
               help="cpu or cuda (cuda = this rank's GPU under torchrun)")
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
+@click.option("--workers", default=2, show_default=True, type=NON_NEGATIVE,
               help="DataLoader decoding workers")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="fp16", show_default=True)
 @click.option("--on-error", type=click.Choice(ON_ERROR_CHOICES), default="raise", show_default=True)

@@ -6,14 +6,10 @@ import logging
 
 import click
 
-from common.errors import DataPatternCommand, check_device, reported_errors
+from common.errors import (NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, DataPatternCommand, check_device,
+                           reported_errors)
 from stage2_student.targets import MODES
 from stage2_student.train import DEFAULT_LOSSES, TrainOptions, train
-
-
-POSITIVE = click.IntRange(min=1)
-NON_NEGATIVE = click.IntRange(min=0)
-POSITIVE_FLOAT = click.FloatRange(min=0, min_open=True)
 
 
 @click.command(cls=DataPatternCommand)

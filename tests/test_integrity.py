@@ -74,6 +74,19 @@ def test_sigterm_saves_and_resume_reproduces_the_run(synth_corpus, cache, tmp_pa
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key)
 
 
+def test_each_epoch_end_is_saved(synth_corpus, tmp_path):
+    """192 samples / 32 = 6 steps an epoch; --save-every never fires: a kill in epoch 2 keeps the end of epoch 1."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "stage2_student.cli", "--out", str(out),
+                             *train_args(synth_corpus, "--losses", "task", "--epochs", 3, "--save-every", 1000)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_steps(proc, out, 8)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "training ended before it was killed"
+    saved = torch.load(out / "resume.pt", weights_only=True)
+    assert (saved["step"], saved["epoch"], saved["step_in_epoch"]) in ((6, 1, 0), (12, 2, 0))
+
+
 def test_non_finite_loss_stops_naming_step_and_terms(synth_corpus, tmp_path):
     """lr 1e30: finite but huge weights after step 1, so step 2's loss overflows."""
     out = tmp_path / "run"

@@ -58,10 +58,11 @@ def worker_message(message: str) -> str:
     return "\n".join([_EXCEPTION_LINE.sub("", lines[at]), *lines[at + 1:]])
 
 
-def user_message(error: BaseException, store: str | None = None) -> str | None:
-    """One line a person can act on for `error`, or None for a bug (which keeps its traceback)."""
+def user_message(error: BaseException, store: str | None = None, out: str | None = None) -> str | None:
+    """One line a person can act on for `error`, or None for a bug (which keeps its traceback). `store`: the Zarr
+    store the command opens; `out`: what it writes (named when a full disk's error does not say which file)."""
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-        return f"no space left on the device writing {error.filename or store or 'the output'}: {_DISK_FULL_ADVICE}"
+        return f"no space left on the device writing {error.filename or out or 'the output'}: {_DISK_FULL_ADVICE}"
     if isinstance(error, json.JSONDecodeError) and store:
         return (f"store {store} has a broken metadata file ({error.msg}, line {error.lineno} column {error.colno}): "
                 f"rebuild it with `kd-cache build --overwrite`")
@@ -71,13 +72,12 @@ def user_message(error: BaseException, store: str | None = None) -> str | None:
 
 
 @contextlib.contextmanager
-def reported_errors(store: str | None = None) -> Iterator[None]:
-    """Turn user errors into click's one-line report; `store` is the Zarr store the command opens (a broken
-    metadata file then names it)."""
+def reported_errors(store: str | None = None, out: str | None = None) -> Iterator[None]:
+    """Turn user errors into click's one-line report (see user_message for `store` and `out`)."""
     try:
         yield
     except Exception as e:  # noqa: BLE001 - bugs are re-raised untouched
-        message = user_message(e, store)
+        message = user_message(e, store, out)
         if message is None:
             raise
         log.debug("traceback of the error below", exc_info=True)

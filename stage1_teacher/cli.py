@@ -47,7 +47,7 @@ def build(**kwargs):
     out = kwargs["out"]
     # one build per store: torchrun's rank 0 holds the lock (ranks start together; a second command is refused)
     holds_lock = int(os.environ.get("RANK", "0")) == 0
-    with reported_errors(store=out), output_lock(out) if holds_lock else contextlib.nullcontext():
+    with reported_errors(store=out, out=out), output_lock(out) if holds_lock else contextlib.nullcontext():
         build_cache(BuildOptions(**kwargs))
 
 

@@ -52,7 +52,7 @@ from stage2_student.train import DEFAULT_LOSSES, TrainOptions, train
 def main(verbose: bool, **kwargs):
     """Train a CLIP student against a teacher cache (live teacher as fallback)."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(name)s: %(message)s")
-    with reported_errors(store=kwargs["cache"]):
+    with reported_errors(store=kwargs["cache"], out=kwargs["out"]):
         last = train(TrainOptions(**kwargs))
     click.echo(json.dumps(last))
 

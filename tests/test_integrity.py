@@ -170,7 +170,8 @@ def test_disk_full_errors_are_one_line_naming_the_path():
             f.write(b"x" * 8192)
             f.flush()
     assert raised.value.errno == errno.ENOSPC
-    assert user_message(raised.value, store="cache.zarr").startswith("no space left on the device writing ")
+    assert user_message(raised.value, out="cache.zarr") == ("no space left on the device writing cache.zarr: free "
+                                                            "space there and re-run the same command")
     with pytest.raises(RuntimeError) as saved:
         torch.save({"x": torch.zeros(10_000)}, "/dev/full")
     message = user_message(as_disk_full(saved.value, "runs/x/student.pt"))
@@ -207,7 +208,7 @@ def test_full_disk_during_checkpoint_and_build_is_one_line_without_leftovers(syn
     built = cli("stage1_teacher.cli", "build", "--teacher", TEACHER, "--data", synth_corpus / "val", "--out", store,
                 "--batch-size", 16, "--grad-batch", 16, "--chunk-rows", 16, "--workers", 0, check=False)
     assert built.returncode == 1 and "Traceback" not in built.stderr
-    assert "no space left on the device writing" in built.stderr and "re-run the same command" in built.stderr
+    assert f"no space left on the device writing {store}" in built.stderr and "re-run the same command" in built.stderr
 
 
 def test_broken_store_metadata_is_one_line_naming_the_store(synth_corpus, cache, tmp_path):

@@ -54,14 +54,48 @@ def all_gather_objects(obj) -> list:
     return out
 
 
+class _GatherCat(torch.autograd.Function):
+    """all_gather + cat whose backward sums every rank's gradient of the gathered tensor and returns this rank's
+    slice (what torch.distributed.nn's deprecated all_gather did), with public collectives that gloo supports.
+    Ranks may hold different numbers of rows (a batch that lost an unreadable sample): parts are padded to the
+    largest for the collective and cut back."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(dist.get_world_size())]
+        dist.all_gather(sizes, torch.tensor([tensor.shape[0]], device=tensor.device))
+        sizes = [int(n) for n in sizes]
+        padded = torch.zeros((max(sizes),) + tuple(tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+        padded[:tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        ctx.rank, ctx.sizes = dist.get_rank(), sizes
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)], dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        start = sum(ctx.sizes[:ctx.rank])
+        return grad[start:start + ctx.sizes[ctx.rank]]
+
+
 def gather_cat(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate a tensor across ranks along dim 0, keeping the autograd graph of the local part
-    (torch.distributed.nn's all_gather backpropagates to every rank, as CLIP's gather_features does)."""
+    """Concatenate a tensor across ranks along dim 0, keeping the autograd graph: every rank's gradient flows back
+    to the rank that computed each part, as in CLIP's gather_features."""
     if not is_distributed():
         return tensor
-    from torch.distributed.nn.functional import all_gather
-    return torch.cat(all_gather(tensor), dim=0)
+    return _GatherCat.apply(tensor)
 
+
+def any_rank(flag: bool, device: str = "cpu") -> bool:
+    """True on every rank when it is True on one (ranks must agree on when to stop). `device`: this rank's
+    device (nccl reduces only CUDA tensors)."""
+    if not is_distributed():
+        return flag
+    box = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return bool(box.item())
 
 
 def rank_world() -> tuple[int, int]:

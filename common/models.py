@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,12 +74,35 @@ def load_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
     path = Path(checkpoint)
     if not path.is_file():
         raise ModelError(f"checkpoint {path} does not exist")
+    not_a_checkpoint = ModelError(f"{path} is not a torch checkpoint of tensors (a state_dict or "
+                                  f"{{'state_dict': ...}} written by torch.save): check the path")
     try:
         open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
     except (RuntimeError, AssertionError) as e:  # open_clip asserts on some shape mismatches
+        if "PytorchStreamReader" in str(e):  # a damaged or foreign zip file
+            raise not_a_checkpoint from e
         raise ModelError(
             f"checkpoint {path} does not fit this model ({type(model).__name__}): {str(e).splitlines()[0]} — "
             f"check --model/--teacher/--student names the architecture the checkpoint was trained as") from e
+    except Exception as e:  # noqa: BLE001 - unpickling a foreign file fails in any way (KeyError, IndexError, ...)
+        raise not_a_checkpoint from e
+
+
+@contextlib.contextmanager
+def quiet_open_clip():
+    """open_clip logs its progress (INFO) and a random-init warning on the root logger: drop those records while
+    it builds a model (our own checkpoints are loaded right after), keeping every other logger's and its errors."""
+    def keep(record: logging.LogRecord) -> bool:
+        if f"{os.sep}open_clip{os.sep}" not in record.pathname:
+            return True
+        return record.levelno > logging.WARNING or (
+            record.levelno == logging.WARNING and "Model initialized randomly" not in record.getMessage())
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
 
 
 @dataclass
@@ -128,9 +152,8 @@ class LoadedCLIP:
         }
 
 
-def create_clip(name_or_config: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> LoadedCLIP:
-    """Build an open_clip model (fp32) with its eval preprocessing and tokenizer, and fingerprint its weights."""
-    name = resolve_model_name(name_or_config)
+def _open_clip_model(name: str, pretrained: str | None) -> torch.nn.Module:
+    """The fp32 model on the CPU: from an open_clip pretrained tag, or random init (seeded) + a local checkpoint."""
     if pretrained and not Path(pretrained).exists():
         # an open_clip tag: open_clip resolves (and may download) it
         try:
@@ -140,12 +163,20 @@ def create_clip(name_or_config: str, pretrained: str | None = None, device: str 
                 f"could not load pretrained {pretrained!r} for {name}: {e}. Offline, pass a local checkpoint "
                 f"file path to --pretrained instead of a tag") from e
     else:
-        logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # open_clip warns on random init
-        with torch.random.fork_rng():  # a random-init model is reproducible (its fingerprint identifies it)
+        # a random-init model is reproducible (its fingerprint identifies it)
+        with torch.random.fork_rng():
             torch.manual_seed(0)
             model = open_clip.create_model(name, device="cpu")
         if pretrained:
             load_weights(model, pretrained)
+    return model
+
+
+def create_clip(name_or_config: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> LoadedCLIP:
+    """Build an open_clip model (fp32) with its eval preprocessing and tokenizer, and fingerprint its weights."""
+    name = resolve_model_name(name_or_config)
+    with quiet_open_clip():
+        model, tokenizer = _open_clip_model(name, pretrained), open_clip.get_tokenizer(name)
     model.to(device)
     preprocess_cfg = dict(model.visual.preprocess_cfg)
     preprocess = image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=False)
@@ -153,7 +184,7 @@ def create_clip(name_or_config: str, pretrained: str | None = None, device: str 
         name=name,
         model=model,
         preprocess=preprocess,
-        tokenizer=open_clip.get_tokenizer(name),
+        tokenizer=tokenizer,
         config=open_clip.get_model_config(name),
         pretrained=str(pretrained) if pretrained else None,
         fingerprint=weights_fingerprint(model),

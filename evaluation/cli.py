@@ -10,7 +10,8 @@ import click
 
 from common.cache import CacheStore
 from common.corpus import ON_ERROR_CHOICES, Corpus
-from common.errors import run_reporting_errors
+from common.errors import (NON_NEGATIVE, POSITIVE, DataPatternGroup, check_device, reported_errors,
+                           run_reporting_errors)
 from common.models import create_clip
 from common.retrieval import retrieval_metrics, without_aliases
 from common.zeroshot import format_table, read_classnames, result_json, templates_for, zeroshot_metrics
@@ -48,13 +49,14 @@ def model_options(fn):
     for option in reversed([
         click.option("--model", default=None, help="open_clip model name or model config JSON"),
         click.option("--checkpoint", type=EXISTING_FILE, default=None,
-                     help="local weights (state_dict or {'state_dict': ...}, e.g. a kd-train student.pt); "
-                          "without it the model is randomly initialised"),
-        click.option("--data", required=True, help="shards (brace pattern, directory, or '::'-separated list), "
-                                                   "or a CLIP_benchmark webdataset root (<root>/test/*.tar)"),
-        click.option("--batch-size", default=256, show_default=True),
-        click.option("--device", default="cpu", show_default=True, help="cpu or cuda"),
-        click.option("--workers", default=2, show_default=True, help="DataLoader decoding workers"),
+                     help="local weights (state_dict or {'state_dict': ...}, e.g. a kd-train student.pt)"),
+        click.option("--random-weights", is_flag=True,
+                     help="evaluate the randomly initialised model (a chance-level baseline) instead of --checkpoint"),
+        click.option("--data", required=True, help="shards (brace pattern, directory, or '::'-separated list; "
+                                                   "paths or URLs), or a CLIP_benchmark webdataset root (<root>/test/*.tar)"),
+        click.option("--batch-size", default=256, show_default=True, type=POSITIVE),
+        click.option("--device", default="cpu", show_default=True, callback=check_device, help="cpu or cuda"),
+        click.option("--workers", default=2, show_default=True, type=NON_NEGATIVE, help="DataLoader decoding workers"),
         click.option("--on-error", type=click.Choice(ON_ERROR_CHOICES), default="raise", show_default=True,
                      help="skip: drop undecodable samples (counted) instead of stopping"),
         click.option("--output", type=click.Path(dir_okay=False), default=None, help="result JSON to write"),
@@ -63,8 +65,19 @@ def model_options(fn):
     return fn
 
 
-@click.group()
-@click.option("-v", "--verbose", is_flag=True)
+def require_weights(kwargs: dict) -> None:
+    """A model without weights scores at chance: evaluate one only when asked to (pops --random-weights)."""
+    random_weights = kwargs.pop("random_weights")
+    if random_weights and (kwargs["checkpoint"] or kwargs.get("cache")):
+        raise click.UsageError(f"--random-weights and {'--cache' if kwargs.get('cache') else '--checkpoint'} "
+                               f"exclude each other")
+    if not (random_weights or kwargs["checkpoint"] or kwargs.get("cache")):
+        raise click.UsageError("give --checkpoint (the model's weights), or --random-weights to evaluate the "
+                               "randomly initialised model")
+
+
+@click.group(cls=DataPatternGroup)
+@click.option("-v", "--verbose", "--debug", "verbose", is_flag=True, help="debug log, with error tracebacks")
 def main(verbose: bool):
     """Evaluate CLIP models and teacher caches: retrieval recall@k, zero-shot accuracy, comparisons."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(name)s: %(message)s")
@@ -102,7 +115,9 @@ def retrieval(output, **kwargs):
         raise click.UsageError("--checkpoint and --cache exclude each other: a cache holds its teacher's embeddings")
     if not kwargs["cache"] and not kwargs["model"]:
         raise click.UsageError("give --model (with --checkpoint), or --cache")
-    result = run_reporting_errors(evaluate_retrieval, **kwargs)
+    require_weights(kwargs)
+    with reported_errors(store=kwargs["cache"]):
+        result = evaluate_retrieval(**kwargs)
     click.echo(format_table(without_aliases(result["metrics"])))
     write_json(result, output)
 
@@ -132,6 +147,7 @@ def zeroshot(output, **kwargs):
     `label` of its `.json`."""
     if not kwargs["model"]:
         raise click.UsageError("give --model")
+    require_weights(kwargs)
     result = run_reporting_errors(evaluate_zeroshot, **kwargs)
     click.echo(format_table(result["metrics"]))
     write_json(result, output)
@@ -162,9 +178,9 @@ def run_comparison(entry, data, teacher_entry, baseline_entry, zeroshot_data, cl
               help="default: classnames.txt in the --zeroshot-data root or folder")
 @click.option("--templates", type=EXISTING_FILE, default=None, help=TEMPLATES_HELP)
 @click.option("--k", "k", default="1,5,10", show_default=True, callback=parse_ks)
-@click.option("--batch-size", default=256, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--workers", default=2, show_default=True)
+@click.option("--batch-size", default=256, show_default=True, type=POSITIVE)
+@click.option("--device", default="cpu", show_default=True, callback=check_device)
+@click.option("--workers", default=2, show_default=True, type=NON_NEGATIVE)
 @click.option("--markdown", type=click.Path(dir_okay=False), default=None, help="write the table as markdown")
 @click.option("--figure", type=click.Path(dir_okay=False), default=None, help="write a PNG figure")
 @click.option("--output", type=click.Path(dir_okay=False), default=None, help="write all results as JSON")

@@ -42,9 +42,10 @@ def run_step(title: str, command: list, output: Path, inputs: tuple[Path, ...] =
         print(f"== {title}: done ({output}, {done['seconds']:.0f} s when run)", flush=True)
         return 0.0
     print(f"\n== {title}\n$ {shlex.join(command)}", flush=True)
-    if done and output.is_dir():
-        shutil.rmtree(output)  # stale: made by another command or before its inputs changed
-    # (no record: an interrupted run of this step; kd-cache resumes it, the others start over)
+    if output.is_dir() and (done or command[:3] != cli("kd-cache")):
+        # stale (made by another command or before its inputs changed), or an interrupted run of a step that
+        # starts over (kd-train refuses a non-empty --out); an interrupted kd-cache build resumes
+        shutil.rmtree(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if subprocess.run(command).returncode != 0:

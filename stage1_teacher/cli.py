@@ -1,19 +1,22 @@
 """`kd-cache`: build, inspect and verify teacher caches."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 
 import click
 
 from common.cache import CHUNK_ROWS, DTYPES
 from common.corpus import ON_ERROR_CHOICES
-from common.errors import run_reporting_errors
+from common.errors import NON_NEGATIVE, POSITIVE, DataPatternGroup, check_device, reported_errors
+from common.lock import output_lock
 from stage1_teacher.build import BuildOptions, build_cache
 from stage1_teacher.inspect import store_summary, verify_store
 
-@click.group()
-@click.option("-v", "--verbose", is_flag=True)
+@click.group(cls=DataPatternGroup)
+@click.option("-v", "--verbose", "--debug", "verbose", is_flag=True, help="debug log, with error tracebacks")
 def main(verbose: bool):
     """Stage one: cache a CLIP teacher's targets in a Zarr store."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(name)s: %(message)s")
@@ -24,23 +27,32 @@ def main(verbose: bool):
 @click.option("--pretrained", default=None, help="open_clip pretrained tag or local checkpoint path")
 @click.option("--data", required=True, help="shards: brace pattern, directory, or '::'-separated list")
 @click.option("--out", required=True, help="the Zarr store to write (or resume): a path or URL (s3://...)")
-@click.option("--batch-size", default=256, show_default=True)
-@click.option("--grad-batch", default=1024, show_default=True, help="rows per gradient batch")
-@click.option("--views", default=0, show_default=True, help="augmented views K stored beside the clean view")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (cuda = this rank's GPU under torchrun)")
-@click.option("--workers", default=2, show_default=True, help="DataLoader decoding workers")
+@click.option("--batch-size", default=256, show_default=True, type=POSITIVE)
+@click.option("--grad-batch", default=1024, show_default=True, type=click.IntRange(min=2),
+              help="rows per gradient batch")
+@click.option("--views", default=0, show_default=True, type=NON_NEGATIVE,
+              help="augmented views K stored beside the clean view")
+@click.option("--device", default="cpu", show_default=True, callback=check_device,
+              help="cpu or cuda (cuda = this rank's GPU under torchrun)")
+@click.option("--workers", default=2, show_default=True, type=NON_NEGATIVE,
+              help="DataLoader decoding workers")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="fp16", show_default=True)
 @click.option("--on-error", type=click.Choice(ON_ERROR_CHOICES), default="raise", show_default=True)
 @click.option("--seed", default=0, show_default=True, help="seeds view crops and gradient batches")
-@click.option("--chunk-rows", default=CHUNK_ROWS, show_default=True, help="rows per Zarr chunk (= work block)")
+@click.option("--chunk-rows", default=CHUNK_ROWS, show_default=True, type=POSITIVE,
+              help="rows per Zarr chunk (= work block)")
 @click.option("--grads/--no-grads", default=True, show_default=True,
               help="store the teacher's contrastive-loss gradients (GD recomputes them exactly without)")
-@click.option("--window-blocks", default=0, show_default=True,
+@click.option("--window-blocks", default=0, show_default=True, type=NON_NEGATIVE,
               help="blocks per gradient window (0: enough for 8192 rows); bounds the build's memory per rank")
 @click.option("--overwrite", is_flag=True, help="replace a store built with other options")
 def build(**kwargs):
     """Run the teacher once over the corpus; resumable, and splits across torchrun ranks."""
-    run_reporting_errors(build_cache, BuildOptions(**kwargs))
+    out = kwargs["out"]
+    # one build per store: torchrun's rank 0 holds the lock (ranks start together; a second command is refused)
+    holds_lock = int(os.environ.get("RANK", "0")) == 0
+    with reported_errors(store=out, out=out), output_lock(out) if holds_lock else contextlib.nullcontext():
+        build_cache(BuildOptions(**kwargs))
 
 
 @main.command()
@@ -48,7 +60,8 @@ def build(**kwargs):
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 def info(store: str, as_json: bool):
     """Summary of a store: rows, teacher, provenance, size on disk."""
-    summary = run_reporting_errors(store_summary, store)
+    with reported_errors(store=store):
+        summary = store_summary(store)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
@@ -59,13 +72,14 @@ def info(store: str, as_json: bool):
 @main.command()
 @click.argument("store")
 @click.option("--data", required=True, help="the shards the store was built from")
-@click.option("--sample", default=32, show_default=True, help="rows to recompute with the teacher")
+@click.option("--sample", default=32, show_default=True, type=POSITIVE, help="rows to recompute with the teacher")
 @click.option("--teacher-pretrained", default=None, help="teacher weights, if they moved since the build")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, callback=check_device)
 @click.option("--seed", default=0, show_default=True)
 def verify(store: str, data: str, sample: int, teacher_pretrained: str | None, device: str, seed: int):
     """Check keys against the shards and recompute random rows (and one gradient batch) with the teacher."""
-    report = run_reporting_errors(verify_store, store, data, sample, teacher_pretrained, device, seed)
+    with reported_errors(store=store):
+        report = verify_store(store, data, sample, teacher_pretrained, device, seed)
     for line in report["lines"]:
         click.echo(line)
     if not report["ok"]:

@@ -6,12 +6,14 @@ import logging
 
 import click
 
-from common.errors import run_reporting_errors
+from common.errors import (NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, DataPatternCommand, check_device,
+                           reported_errors)
+from common.corpus import ON_ERROR_CHOICES
 from stage2_student.targets import MODES
 from stage2_student.train import DEFAULT_LOSSES, TrainOptions, train
 
 
-@click.command()
+@click.command(cls=DataPatternCommand)
 @click.option("--data", required=True, help="training shards (brace pattern, directory or '::' list)")
 @click.option("--out", required=True, type=click.Path(), help="run directory: student.pt, resume.pt, metrics.jsonl")
 @click.option("--student", required=True, help="open_clip model name or model config JSON")
@@ -22,33 +24,40 @@ from stage2_student.train import DEFAULT_LOSSES, TrainOptions, train
               help="auto: cache, else live teacher; cache: refuse what the cache cannot serve; live: always teacher")
 @click.option("--teacher", default=None, help="live teacher when no --cache (with --teacher-targets live)")
 @click.option("--teacher-pretrained", default=None, help="teacher weights (if moved since the cache was built)")
-@click.option("--batch-size", default=256, show_default=True, help="global batch")
-@click.option("--epochs", default=1, show_default=True)
-@click.option("--steps", default=None, type=int, help="train this many steps instead of --epochs")
-@click.option("--lr", default=1e-3, show_default=True)
-@click.option("--wd", default=0.1, show_default=True)
-@click.option("--warmup", default=10000, show_default=True, help="linear warm-up steps, then cosine")
-@click.option("--grad-clip", default=None, type=float, help="clip the gradient norm to this value")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=2),
+              help="global batch (a multiple of the torchrun world size)")
+@click.option("--epochs", default=1, show_default=True, type=POSITIVE)
+@click.option("--steps", default=None, type=POSITIVE, help="train this many steps instead of --epochs")
+@click.option("--lr", default=1e-3, show_default=True, type=POSITIVE_FLOAT)
+@click.option("--wd", default=0.1, show_default=True, type=click.FloatRange(min=0))
+@click.option("--warmup", default=10000, show_default=True, type=NON_NEGATIVE,
+              help="linear warm-up steps, then cosine (capped at 10% of the run's steps)")
+@click.option("--grad-clip", default=None, type=POSITIVE_FLOAT, help="clip the gradient norm to this value")
 @click.option("--augment", is_flag=True, help="random crops: the cache's stored views, else fresh crops (live)")
 @click.option("--batching", type=click.Choice(["shuffle", "cache"]), default="shuffle", show_default=True,
               help="cache: replay the build's gradient batches (GD then uses the cached gradients)")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--workers", default=2, show_default=True)
+@click.option("--device", default="cpu", show_default=True, callback=check_device)
+@click.option("--workers", default=2, show_default=True, type=NON_NEGATIVE)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--shuffle-buffer", default=1000, show_default=True)
-@click.option("--log-every", default=10, show_default=True)
-@click.option("--save-every", default=500, show_default=True)
+@click.option("--shuffle-buffer", default=1000, show_default=True, type=POSITIVE)
+@click.option("--on-error", type=click.Choice(ON_ERROR_CHOICES), default="raise", show_default=True,
+              help="an unreadable sample stops the run (raise), or leaves its batch and is counted (skip)")
+@click.option("--log-every", default=10, show_default=True, type=POSITIVE)
+@click.option("--save-every", default=500, show_default=True, type=POSITIVE,
+              help="save every N steps (also at each epoch's end, and on SIGINT/SIGTERM)")
 @click.option("--resume", is_flag=True, help="continue the run in --out from its resume.pt")
+@click.option("--overwrite", is_flag=True, help="replace the run in --out (a non-empty --out is refused otherwise)")
 @click.option("--init", default=None, help="student initial weights (open_clip checkpoint)")
-@click.option("--target-memory-gb", default=None, type=float,
+@click.option("--target-memory-gb", default=None, type=POSITIVE_FLOAT,
               help="memory for cached targets per node, shared by its ranks: larger targets are read chunk-aware "
                    "instead of held whole (default: half the RAM)")
-@click.option("-v", "--verbose", is_flag=True)
+@click.option("-v", "--verbose", "--debug", "verbose", is_flag=True, help="debug log, with error tracebacks")
 def main(verbose: bool, **kwargs):
     """Train a CLIP student against a teacher cache (live teacher as fallback)."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(name)s: %(message)s")
-    last = run_reporting_errors(train, TrainOptions(**kwargs))
+    with reported_errors(store=kwargs["cache"], out=kwargs["out"]):
+        last = train(TrainOptions(**kwargs))
     click.echo(json.dumps(last))
 
 

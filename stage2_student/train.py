@@ -10,7 +10,9 @@ import logging
 import math
 import os
 import random
+import signal
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,6 +24,8 @@ from tqdm import tqdm
 from common import dist
 from common.cache import CacheError, CacheStore, join_to_cache
 from common.corpus import Corpus
+from common.errors import Interrupted, NonFiniteError, as_disk_full
+from common.lock import output_lock
 from common.models import clip_from_provenance, create_clip
 from stage2_student.data import Renderer, TrainBatches, ViewPolicy, shuffled_rows
 from stage2_student.losses import LossSet
@@ -33,6 +37,8 @@ DEFAULT_LOSSES = "task,fd,icl,crd"  # CLIP-KD: task + FD (2000) + ICL (1) + CRD 
 # pooled StudentOutputs / TeacherTargets fields: computed per rank, gathered into the global batch
 _POOLED_STUDENT = ("image_emb", "text_emb", "image_emb_proj", "text_emb_proj", "masked_image_emb_proj")
 _POOLED_TEACHER = ("image_emb", "text_emb", "image_grad", "text_grad")
+RUN_FILES = ("student.pt", "resume.pt", "metrics.jsonl", "options.json", "open_clip_config.json")
+MAX_WARMUP_FRACTION = 0.1  # a longer warm-up would spend the run at a near-zero learning rate
 
 
 @dataclass
@@ -46,6 +52,7 @@ class TrainOptions:
     teacher: str | None = None  # only without a cache: live teacher for --teacher-targets live
     teacher_pretrained: str | None = None
     batch_size: int = 256  # global
+    on_error: str = "raise"  # or "skip": an unreadable sample leaves its batch, counted in metrics.jsonl
     epochs: int = 1
     steps: int | None = None  # overrides epochs
     lr: float = 1e-3
@@ -62,6 +69,7 @@ class TrainOptions:
     log_every: int = 10
     save_every: int = 500
     resume: bool = False
+    overwrite: bool = False
     init: str | None = None
     target_memory_gb: float | None = None  # cached targets above this are read chunk-aware (default: half the RAM)
 
@@ -72,6 +80,8 @@ class TrainOptions:
             raise ValueError(f"--precision {self.precision!r}: choose auto, fp32 or bf16")
         if self.batch_size < 2:
             raise ValueError("--batch-size must be >= 2: contrastive losses need negatives")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --out, --overwrite replaces it: give one of them")
 
 
 def param_groups(modules: list[torch.nn.Module], wd: float) -> list[dict]:
@@ -115,9 +125,60 @@ def set_rng_state(state: dict) -> None:
 
 
 def atomic_save(obj, path: Path) -> None:
+    """Write, then rename: `path` is never half-written, and a failed write leaves no temporary file."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
+    try:
+        torch.save(obj, tmp)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        raise as_disk_full(e, path) from e
     os.replace(tmp, path)
+
+
+def capped_warmup(warmup: int, total_steps: int) -> int:
+    cap = max(1, int(MAX_WARMUP_FRACTION * total_steps))
+    if warmup > cap:
+        log.warning("--warmup %d is more than %d%% of the %d steps: warming up for %d steps instead", warmup,
+                    round(100 * MAX_WARMUP_FRACTION), total_steps, cap)
+    return min(warmup, cap)
+
+
+def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to write over a run or into an unrelated non-empty directory unless told to."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a directory")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not entries or resume:
+        return
+    if not overwrite:
+        what = "holds a run" if set(entries) & set(RUN_FILES) else "is a non-empty directory"
+        raise ValueError(f"--out {out} {what} ({', '.join(entries[:4])}{', ...' if len(entries) > 4 else ''}): "
+                         f"--resume continues a run, --overwrite replaces it, or choose another --out")
+    for name in RUN_FILES:  # only this tool's files: --overwrite never deletes what it did not write
+        (out / name).unlink(missing_ok=True)
+
+
+class StopSignals:
+    """SIGINT / SIGTERM only set a flag: the loop saves at the next step boundary and stops. A second signal
+    acts at once (the default action)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous = {}
+
+    def handle(self, signum, frame) -> None:
+        self.received = signum
+        signal.signal(signum, signal.SIG_DFL)
+
+    def __enter__(self) -> "StopSignals":
+        self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 class Trainer:
@@ -125,13 +186,17 @@ class Trainer:
         opts.check()
         self.opts = opts
         self.rank, self.world = dist.init_distributed(opts.device)
+        if opts.batch_size % self.world:
+            raise ValueError(f"--batch-size {opts.batch_size} is not divisible by the world size {self.world} "
+                             f"(torchrun processes): give a multiple of {self.world}")
         self.device = dist.local_device(opts.device)
         self.out = Path(opts.out)
         torch.manual_seed(opts.seed)
 
         # everything that can be wrong is checked before any training work
         self.cache = CacheStore(opts.cache) if opts.cache else None
-        self.corpus = Corpus.open(opts.data, known=[self.cache.index()] if self.cache else [])
+        self.corpus = Corpus.open(opts.data, on_error=opts.on_error, known=[self.cache.index()] if self.cache else [])
+        self.skipped_samples = 0  # unreadable samples left out of their batches (all ranks)
         self.student_clip = create_clip(opts.student, opts.init, device=self.device)
         teacher_config = self.cache.attrs["teacher"]["config"] if self.cache else None
         self.loss_set = LossSet(opts.losses, loss_dims(self.student_clip, teacher_config))
@@ -176,13 +241,30 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise ValueError(f"--batch-size {opts.batch_size} is larger than the {int(usable.sum())} usable samples")
         self.total_steps = opts.steps or opts.epochs * self.steps_per_epoch
+        self.warmup = capped_warmup(opts.warmup, self.total_steps)
         self.optimizer = torch.optim.AdamW(param_groups([self.student, self.loss_set], opts.wd), lr=opts.lr,
                                            betas=(0.9, 0.98), eps=1e-6)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           warmup_cosine(opts.warmup, self.total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(self.warmup, self.total_steps))
         self.autocast_dtype = torch.bfloat16 if (opts.precision == "bf16" or (
             opts.precision == "auto" and self.device.startswith("cuda") and torch.cuda.is_bf16_supported())) else None
-        self.step = 0
+        self.step = self.saved_step = 0
+        self.lock = ExitStack()  # rank 0 holds the lock on --out until run() ends
+        self.claim_out()
+
+    def claim_out(self) -> None:
+        """Rank 0 locks --out and checks it may write there; every rank learns the verdict (no rank is left
+        waiting in a collective for one that refused)."""
+        refusal = None
+        if self.rank == 0:
+            try:
+                self.lock.enter_context(output_lock(self.opts.out))
+                prepare_out(self.out, self.opts.resume, self.opts.overwrite)
+            except (ValueError, RuntimeError) as e:
+                self.lock.close()
+                refusal = e
+        refusal = dist.broadcast_object(refusal)
+        if refusal is not None:
+            raise refusal
 
     # ---------------------------------------------------------------- data
     def epoch_batches(self, epoch: int) -> np.ndarray:
@@ -212,7 +294,7 @@ class Trainer:
     def loader(self, epoch: int, start_step: int) -> DataLoader:
         teacher_renderer = Renderer.of(self.teacher) if self.teacher is not None else None
         dataset = TrainBatches(self.corpus, self.epoch_batches(epoch), self.cache_rows, self.rank, self.world,
-                               Renderer.of(self.student_clip), teacher_renderer, self.views, epoch)
+                               Renderer.of(self.student_clip), teacher_renderer, self.views, epoch, self.opts.on_error)
         # its own generator: creating the iterator must not draw from the global RNG (resume reproducibility)
         return DataLoader(dataset, batch_size=None, sampler=range(start_step, len(dataset)),
                           num_workers=self.opts.workers, pin_memory=self.device.startswith("cuda"),
@@ -241,16 +323,27 @@ class Trainer:
     def train_step(self, batch: dict) -> dict:
         self.student.train()
         loss, terms = self.compute_loss(batch)
+        terms = {"loss": float(loss.detach()), **terms}
+        non_finite = {name: value for name, value in terms.items() if not math.isfinite(value)}
+        if non_finite:
+            self.stop_non_finite(self.step + 1, f"loss term(s) {non_finite}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.average_gradients()
-        grad_norm = None
-        if self.opts.grad_clip:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters(), self.opts.grad_clip))
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters(), self.opts.grad_clip)
+                          if self.opts.grad_clip else torch.nn.utils.get_total_norm(grads))
+        if not math.isfinite(grad_norm):
+            self.stop_non_finite(self.step + 1, f"gradient norm {grad_norm} (loss terms {terms})")
         self.optimizer.step()
         self.scheduler.step()
         self.student.clamp_logit_scale()
-        return {"loss": float(loss.detach()), **terms, **({"grad_norm": grad_norm} if grad_norm else {})}
+        self.loss_set.after_step()  # the losses' own learnable scales, clamped like the student's
+        return {**terms, "grad_norm": grad_norm}
+
+    def stop_non_finite(self, step: int, what: str) -> None:
+        raise NonFiniteError(f"step {step}: non-finite {what}; stopped without saving ({self.out} keeps "
+                             f"step {self.saved_step}): lower --lr, set --grad-clip, or check --init and the data")
 
     def parameters(self):
         return [p for m in (self.student, self.loss_set) for p in m.parameters() if p.requires_grad]
@@ -268,15 +361,24 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def save(self, epoch: int, step_in_epoch: int) -> None:
+        if self.saved_step == self.step:
+            return
+        state = self.student.clip.state_dict()
+        non_finite = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if non_finite:  # checked on every rank (their weights are equal), so that all stop
+            self.stop_non_finite(self.step, f"student weights after the update ({', '.join(non_finite[:3])}, ...)")
+        self.saved_step = self.step
         if self.rank != 0:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        atomic_save({"state_dict": self.student.clip.state_dict()}, self.out / "student.pt")
+        atomic_save({"state_dict": state}, self.out / "student.pt")
         atomic_save({
             "step": self.step, "epoch": epoch, "step_in_epoch": step_in_epoch,
             "student": self.student.state_dict(), "losses": self.loss_set.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(), "options": json.dumps(self.resume_options()),
+            "cache_hits": self.targets.cache_hits, "live_batches": self.targets.live_batches,
+            "skipped_samples": self.skipped_samples,
         }, self.out / "resume.pt")
 
     def resume_options(self) -> dict:
@@ -299,54 +401,91 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
-        self.step = state["step"]
+        # counters continue (resume.pt files written before they were stored restart them)
+        self.targets.cache_hits, self.targets.live_batches = state.get("cache_hits", 0), state.get("live_batches", 0)
+        self.skipped_samples = state.get("skipped_samples", 0)
+        self.step = self.saved_step = state["step"]
         return state["epoch"], state["step_in_epoch"]
 
     # ---------------------------------------------------------------- loop
     def run(self) -> dict:
-        epoch, start = self.load_resume() if self.opts.resume else (0, 0)
+        with self.lock, StopSignals() as signals:
+            started, first_step = time.perf_counter(), self.step
+            last = self.loop(signals)
+            seconds = time.perf_counter() - started
+            samples = (self.step - first_step) * self.opts.batch_size
+            log.info("wrote %s (student.pt, open_clip_config.json, resume.pt, metrics.jsonl): steps %d-%d, %d samples "
+                     "in %.1f s (%.1f samples/s)", self.out, first_step + 1, self.step, samples, seconds,
+                     samples / seconds if seconds else 0.0)
+        return last
+
+    def start_files(self) -> Path:
+        """metrics.jsonl (without steps a resumed run redoes), options.json and the student's open_clip config."""
         metrics_path = self.out / "metrics.jsonl"
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             kept = [line for line in (metrics_path.read_text().splitlines() if self.opts.resume and
                                       metrics_path.exists() else []) if json.loads(line)["step"] <= self.step]
             metrics_path.write_text("".join(line + "\n" for line in kept))  # drop steps redone after a crash
-            (self.out / "options.json").write_text(json.dumps(asdict(self.opts), indent=2))
-        log.info("%d steps (global batch %d), %d invalid cache rows skipped, cache targets: %.1f MB %s",
-                 self.total_steps, self.opts.batch_size, self.skipped_invalid, self.targets.memory_bytes / 2**20,
+            (self.out / "options.json").write_text(json.dumps(asdict(self.opts) | {"warmup_steps": self.warmup},
+                                                              indent=2))
+            # plain open_clip loads student.pt with this: add_model_config(it), then create_model(its stem)
+            (self.out / "open_clip_config.json").write_text(json.dumps(self.student_clip.config, indent=2))
+        return metrics_path
+
+    def loop(self, signals: StopSignals) -> dict:
+        epoch, start = self.load_resume() if self.opts.resume else (0, 0)
+        metrics_path = self.start_files()
+        log.info("%d steps (global batch %d, warm-up %d), %d invalid cache rows skipped, cache targets: %.1f MB %s",
+                 self.total_steps, self.opts.batch_size, self.warmup, self.skipped_invalid,
+                 self.targets.memory_bytes / 2**20,
                  "of chunks read on demand (over --target-memory-gb)" if self.targets.chunked else "in memory")
         last: dict = {}
         window_start, window_samples = time.perf_counter(), 0
-        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=self.rank != 0, dynamic_ncols=True)
-        while self.step < self.total_steps:
-            for batch in self.loader(epoch, start):
-                terms = self.train_step(batch)
-                self.step += 1
-                start += 1
-                window_samples += self.opts.batch_size
-                bar.update(1)
-                if self.step % self.opts.log_every == 0 or self.step == self.total_steps or self.step == 1:
-                    elapsed = time.perf_counter() - window_start
-                    hits, live = self.targets.cache_hits, self.targets.live_batches
-                    last = {"step": self.step, "epoch": epoch, "lr": self.scheduler.get_last_lr()[0], **terms,
-                            "samples_per_s": window_samples / elapsed if elapsed else None,
-                            "cache_hits": hits, "live_batches": live,
-                            "cache_hit_rate": hits / (hits + live) if hits + live else None}
-                    window_start, window_samples = time.perf_counter(), 0
-                    bar.set_postfix(loss=f"{terms['loss']:.4f}")
-                    if self.rank == 0:
-                        with metrics_path.open("a") as f:
-                            f.write(json.dumps(last) + "\n")
-                if self.step % self.opts.save_every == 0:
+        # closed on an error too, so that the error starts on its own line
+        with tqdm(total=self.total_steps, initial=self.step, unit="step", disable=self.rank != 0,
+                  dynamic_ncols=True) as bar:
+            while self.step < self.total_steps:
+                for batch in self.loader(epoch, start):
+                    for skipped in batch["skipped"]:
+                        log.warning("step %d: skipped an unreadable sample (--on-error skip): %s", self.step + 1,
+                                    skipped)
+                    self.skipped_samples += sum(dist.all_gather_objects(len(batch["skipped"])))
+                    terms = self.train_step(batch)
+                    self.step += 1
+                    start += 1
+                    window_samples += self.opts.batch_size
+                    bar.update(1)
+                    if self.step % self.opts.log_every == 0 or self.step == self.total_steps or self.step == 1:
+                        elapsed = time.perf_counter() - window_start
+                        hits, live = self.targets.cache_hits, self.targets.live_batches
+                        last = {"step": self.step, "epoch": epoch, "lr": self.scheduler.get_last_lr()[0], **terms,
+                                "samples_per_s": window_samples / elapsed if elapsed else None,
+                                "cache_hits": hits, "live_batches": live, "skipped_samples": self.skipped_samples,
+                                "cache_hit_rate": hits / (hits + live) if hits + live else None}
+                        window_start, window_samples = time.perf_counter(), 0
+                        bar.set_postfix(loss=f"{terms['loss']:.4f}")
+                        if self.rank == 0:
+                            with metrics_path.open("a") as f:
+                                f.write(json.dumps(last) + "\n")
+                    if self.step % self.opts.save_every == 0:
+                        self.save(epoch, start)
+                    if dist.any_rank(signals.received is not None, self.device):
+                        self.stop_on_signal(signals.received or signal.SIGTERM, epoch, start)
+                    if self.step >= self.total_steps:
+                        break
+                else:
+                    epoch, start = epoch + 1, 0
                     self.save(epoch, start)
-                if self.step >= self.total_steps:
-                    break
-            else:
-                epoch, start = epoch + 1, 0
-        bar.close()
         self.save(epoch, start)
         dist.barrier()
         return last
+
+    def stop_on_signal(self, signum: int, epoch: int, start: int) -> None:
+        self.save(epoch, start)
+        dist.barrier()
+        raise Interrupted(f"{signal.Signals(signum).name} after step {self.step}: saved {self.out / 'resume.pt'}; "
+                          f"continue with the same command plus --resume", signum)
 
 
 def train(opts: TrainOptions) -> dict:

@@ -167,7 +167,7 @@ def test_invalid_cache_rows_are_skipped_and_counted(synth_corpus, cache, tmp_pat
     valid = group["valid"][...]
     valid[[3, 70, 150]] = False
     group["valid"][:] = valid
-    trainer = Trainer(options(synth_corpus, tmp_path, cache=str(copy), losses="fd"))
+    trainer = Trainer(options(synth_corpus, tmp_path / "run", cache=str(copy), losses="fd"))  # tmp_path holds the copy
     assert trainer.skipped_invalid == 3
     rows = trainer.epoch_batches(0).ravel()
     assert not {3, 70, 150} & set(rows.tolist())

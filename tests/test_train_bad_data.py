@@ -1,0 +1,65 @@
+"""kd-train on a corpus with broken samples: --on-error raise names the sample; skip leaves it out of its batch,
+counts it, and moves no other sample."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from common.synth import make_sample, write_shard
+from stage2_student.train import Trainer, TrainOptions
+from tests.helpers import REPO, cli
+
+STUDENT = "kd-test-student"
+
+
+def broken_corpus(root):
+    samples = [make_sample(0, "train", i, f"{i:09d}", image_size=32) for i in range(64)]
+    samples[5]["jpg"] = b"not a jpeg"
+    write_shard(root / "00000.tar", samples)
+    return root
+
+
+def test_on_error_raise_names_the_sample_and_an_option_that_exists(tmp_path):
+    data = broken_corpus(tmp_path / "data")
+    result = cli("stage2_student.cli", "--data", data, "--out", tmp_path / "run", "--student", STUDENT,
+                 "--losses", "task", "--batch-size", "16", "--epochs", "1", "--workers", "0", check=False)
+    assert result.returncode == 1 and "key 000000005: undecodable image" in result.stderr
+    assert "--on-error skip" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_on_error_skip_leaves_the_sample_out_and_counts_it(tmp_path):
+    data = broken_corpus(tmp_path / "data")
+    cli("stage2_student.cli", "--data", data, "--out", tmp_path / "run", "--student", STUDENT, "--losses", "task",
+        "--batch-size", "16", "--epochs", "1", "--workers", "0", "--log-every", "1", "--on-error", "skip")
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 4 and metrics[-1]["skipped_samples"] == 1  # one epoch: the sample was drawn once
+    trainer = Trainer(TrainOptions(data=str(data), out=str(tmp_path / "direct"), student=STUDENT, losses="task",
+                                   batch_size=16, epochs=1, workers=0, on_error="skip"))
+    planned = trainer.epoch_batches(0)
+    step = int(np.flatnonzero((planned == 5).any(axis=1))[0])
+    batch = trainer.loader(0, 0).dataset[step]
+    assert batch["rows"].tolist() == [r for r in planned[step].tolist() if r != 5]  # the others, in their order
+    assert len(batch["skipped"]) == 1 and "000000005" in batch["skipped"][0]
+    assert batch["student_images"].shape[0] == 15
+
+
+def test_two_ranks_with_a_skipped_sample_give_the_single_process_losses(tmp_path):
+    """A rank whose part of the batch lost a sample gathers fewer rows than the other: the global batch, and so
+    every loss, is the single process's."""
+    data = broken_corpus(tmp_path / "data")
+    args = ["--data", data, "--student", STUDENT, "--losses", "task", "--batch-size", "16", "--epochs", "1",
+            "--workers", "0", "--log-every", "1", "--on-error", "skip", "--warmup", "1"]
+    cli("stage2_student.cli", "--out", tmp_path / "one", *args)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m",
+                             "stage2_student.cli", "--out", str(tmp_path / "two"), *map(str, args)], cwd=REPO,
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    read = lambda run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    one, two = read("one"), read("two")
+    assert two[-1]["skipped_samples"] == 1
+    assert [m["loss"] for m in one] == pytest.approx([m["loss"] for m in two], rel=1e-4)

@@ -1,0 +1,186 @@
+"""Options and outputs of the CLIs: nonsense refused at parse time, --out protection, warm-up cap, ranks, the
+summary lines, open_clip_config.json, errors a person can act on."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import open_clip
+import pytest
+import torch
+from click.testing import CliRunner
+
+from evaluation.cli import main as kd_eval
+from stage1_teacher.cli import main as kd_cache
+from stage2_student.cli import main as kd_train
+from stage2_student.train import Trainer, TrainOptions
+from tests.helpers import REPO, cli, save_random_checkpoint
+
+STUDENT, TEACHER = "kd-test-student", "kd-test-teacher"
+
+
+def tiny_run(synth_corpus, *extra) -> list[str]:
+    return ["--data", str(synth_corpus / "train"), "--student", STUDENT, "--losses", "task", "--batch-size", "32",
+            "--steps", "2", "--workers", "0", "--log-every", "1", *map(str, extra)]
+
+
+@pytest.mark.parametrize("command, args, option", [
+    (kd_train, ["--grad-clip", "-1"], "--grad-clip"),
+    (kd_train, ["--steps", "0"], "--steps"),
+    (kd_train, ["--steps", "-3"], "--steps"),
+    (kd_train, ["--epochs", "0"], "--epochs"),
+    (kd_train, ["--epochs", "-1"], "--epochs"),
+    (kd_train, ["--save-every", "0"], "--save-every"),
+    (kd_train, ["--log-every", "0"], "--log-every"),
+    (kd_train, ["--shuffle-buffer", "0"], "--shuffle-buffer"),
+    (kd_train, ["--batch-size", "1"], "--batch-size"),
+    (kd_train, ["--workers", "-1"], "--workers"),
+    (kd_train, ["--lr", "0"], "--lr"),
+    (kd_train, ["--lr", "-1e-3"], "--lr"),
+    (kd_train, ["--target-memory-gb", "0"], "--target-memory-gb"),
+    (kd_train, ["--warmup", "-5"], "--warmup"),
+    (kd_cache, ["build", "--batch-size", "0"], "--batch-size"),
+    (kd_cache, ["build", "--grad-batch", "1"], "--grad-batch"),
+    (kd_cache, ["build", "--views", "-1"], "--views"),
+    (kd_cache, ["build", "--workers", "-2"], "--workers"),
+    (kd_cache, ["build", "--chunk-rows", "0"], "--chunk-rows"),
+    (kd_eval, ["retrieval", "--batch-size", "0"], "--batch-size"),
+    (kd_eval, ["zeroshot", "--workers", "-1"], "--workers"),
+    (kd_eval, ["compare", "--batch-size", "-4"], "--batch-size"),
+])
+def test_nonsense_options_are_refused_at_parse_time(synth_corpus, tmp_path, command, args, option):
+    required = {kd_train: ["--data", str(synth_corpus / "train"), "--student", STUDENT, "--out", str(tmp_path / "r")],
+                kd_cache: ["--teacher", TEACHER, "--data", str(synth_corpus / "train"), "--out", str(tmp_path / "s")],
+                kd_eval: ["--data", str(synth_corpus / "val")]}[command]
+    subcommand = args[:1] if command is not kd_train else []
+    result = CliRunner().invoke(command, [*subcommand, *required, *args[len(subcommand):]])
+    assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output, result.output
+    assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
+
+
+def test_unquoted_brace_pattern_says_to_quote_it(synth_corpus, tmp_path):
+    shards = sorted(str(p) for p in (synth_corpus / "train").glob("*.tar"))  # what the shell makes of {0..2}
+    result = cli("stage2_student.cli", "--data", *shards, "--student", STUDENT, "--out", tmp_path / "r", check=False)
+    assert result.returncode == 2 and "unexpected extra arguments" in result.stderr
+    assert "quote it, e.g. --data 'shards/{00000..00099}.tar'" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_device_cuda_without_gpu_is_one_line(synth_corpus, tmp_path):
+    for command, args in ((kd_train, tiny_run(synth_corpus, "--out", tmp_path / "r")),
+                          (kd_eval, ["retrieval", "--model", STUDENT, "--random-weights", "--data",
+                                     str(synth_corpus / "val")])):
+        result = CliRunner().invoke(command, [*args, "--device", "cuda"])
+        assert result.exit_code == 2 and "torch sees no GPU here" in result.output and "--device cpu" in result.output
+
+
+def test_file_that_is_not_a_checkpoint_is_one_line_without_unsafe_advice(synth_corpus, tmp_path):
+    not_ckpt = tmp_path / "notes.txt"
+    not_ckpt.write_text("these are not weights\n")
+    results = [cli("evaluation.cli", "retrieval", "--model", STUDENT, "--checkpoint", not_ckpt, "--data",
+                   synth_corpus / "val", check=False),
+               cli("stage2_student.cli", "--out", tmp_path / "r", *tiny_run(synth_corpus, "--init", not_ckpt),
+                   check=False),
+               cli("stage1_teacher.cli", "build", "--teacher", TEACHER, "--pretrained", not_ckpt, "--data",
+                   synth_corpus / "val", "--out", tmp_path / "s.zarr", check=False)]
+    for result in results:
+        assert result.returncode == 1 and f"{not_ckpt} is not a torch checkpoint of tensors" in result.stderr
+        assert "Traceback" not in result.stderr and "weights_only" not in result.stderr
+
+
+def test_eval_needs_a_checkpoint_or_random_weights(synth_corpus):
+    base = ["--model", STUDENT, "--data", str(synth_corpus / "val"), "--workers", "0"]
+    for command in (["retrieval"], ["zeroshot", "--classnames", str(synth_corpus / "zeroshot" / "classnames.txt")]):
+        refused = CliRunner().invoke(kd_eval, [*command, *base])
+        assert refused.exit_code == 2 and "give --checkpoint" in refused.output and "--random-weights" in refused.output
+    explicit = CliRunner().invoke(kd_eval, ["retrieval", *base, "--random-weights"])
+    assert explicit.exit_code == 0, explicit.output
+
+
+def test_out_is_refused_unless_resume_or_overwrite(synth_corpus, tmp_path):
+    run = tmp_path / "run"
+    cli("stage2_student.cli", "--out", run, *tiny_run(synth_corpus))
+    first = (run / "student.pt").read_bytes()
+    again = cli("stage2_student.cli", "--out", run, *tiny_run(synth_corpus, "--seed", 1), check=False)
+    assert again.returncode == 1 and f"--out {run} holds a run" in again.stderr and "--overwrite" in again.stderr
+    assert (run / "student.pt").read_bytes() == first
+    unrelated = tmp_path / "photos"
+    unrelated.mkdir()
+    (unrelated / "holiday.jpg").write_bytes(b"mine")
+    into = cli("stage2_student.cli", "--out", unrelated, *tiny_run(synth_corpus), check=False)
+    assert into.returncode == 1 and "is a non-empty directory" in into.stderr
+    (run / "resume.pt").unlink()  # a stale file of the old run must not survive --overwrite
+    (run / "notes.md").write_text("kept")
+    cli("stage2_student.cli", "--out", run, "--overwrite", *tiny_run(synth_corpus, "--seed", 1, "--save-every", 1000,
+                                                                         "--steps", 1))
+    assert (run / "student.pt").read_bytes() != first and (run / "notes.md").read_text() == "kept"
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    both = CliRunner().invoke(kd_train, [*tiny_run(synth_corpus), "--out", str(run), "--resume", "--overwrite"])
+    assert both.exit_code == 1 and "give one of them" in both.output
+
+
+def test_warmup_is_capped_to_a_tenth_of_the_run(synth_corpus, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="kd-train")
+    trainer = Trainer(TrainOptions(data=str(synth_corpus / "train"), out=str(tmp_path / "run"), student=STUDENT,
+                                   losses="task", batch_size=32, steps=20, warmup=10000, workers=0, lr=1e-3,
+                                   log_every=1))
+    assert trainer.warmup == 2
+    assert "--warmup 10000 is more than 10% of the 20 steps: warming up for 2 steps instead" in caplog.text
+    last = trainer.run()
+    assert trainer.scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12) and last["step"] == 20
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[:2] == pytest.approx([1e-3, 1e-3])  # from step 2 on: the full rate, not 2/10000 of it
+    assert json.loads((tmp_path / "run" / "options.json").read_text())["warmup_steps"] == 2
+
+
+def test_summary_lines_of_kd_train_and_kd_cache_build(synth_corpus, tmp_path):
+    trained = cli("stage2_student.cli", "--out", tmp_path / "run", *tiny_run(synth_corpus))
+    assert f"kd-train: wrote {tmp_path / 'run'} (student.pt" in trained.stderr
+    assert "steps 1-2, 64 samples in" in trained.stderr and "samples/s)" in trained.stderr
+    assert "Parsing model identifier" not in trained.stderr  # open_clip's own chatter stays quiet
+    ckpt = save_random_checkpoint(TEACHER, tmp_path / "teacher.pt", seed=1)
+    built = cli("stage1_teacher.cli", "build", "--teacher", TEACHER, "--pretrained", ckpt, "--data",
+                synth_corpus / "val", "--out", tmp_path / "s.zarr", "--batch-size", 16, "--grad-batch", 16,
+                "--chunk-rows", 16, "--workers", 0)
+    assert f"kd-cache: wrote {tmp_path / 's.zarr'}: 48 rows" in built.stderr
+
+
+def test_student_loads_with_plain_open_clip_from_its_config(synth_corpus, tmp_path):
+    """The two lines the README gives, in a process that never imports this package."""
+    run = tmp_path / "run"
+    cli("stage2_student.cli", "--out", run, *tiny_run(synth_corpus))
+    assert json.loads((run / "open_clip_config.json").read_text()) == open_clip.get_model_config(STUDENT)
+    code = ("import sys, open_clip, torch\n"
+            "open_clip.add_model_config(sys.argv[1] + '/open_clip_config.json')\n"
+            "model, _, _ = open_clip.create_model_and_transforms('open_clip_config', pretrained=sys.argv[1] + "
+            "'/student.pt')\n"
+            "torch.manual_seed(0)\n"
+            "print(model.eval().encode_image(torch.randn(2, 3, 24, 24)).sum().item())\n"
+            "assert 'common' not in sys.modules\n")
+    result = subprocess.run([sys.executable, "-c", code, str(run)], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    model = open_clip.create_model(STUDENT)
+    model.load_state_dict(torch.load(run / "student.pt", weights_only=True)["state_dict"])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        expected = model.eval().encode_image(torch.randn(2, 3, 24, 24)).sum().item()
+    assert float(result.stdout.strip().splitlines()[-1]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_two_ranks_refuse_an_indivisible_batch_and_gather_without_deprecated_api(synth_corpus, tmp_path):
+    def torchrun(out, batch_size):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m",
+                               "stage2_student.cli", "--out", str(out),
+                               *tiny_run(synth_corpus, "--batch-size", batch_size, "--steps", 1)],
+                              cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    refused = torchrun(tmp_path / "odd", 33)
+    assert refused.returncode != 0 and not (tmp_path / "odd").exists()
+    assert "--batch-size 33 is not divisible by the world size 2" in refused.stderr
+    assert "Received data size" not in refused.stderr
+    ran = torchrun(tmp_path / "even", 32)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert "all_gather is deprecated" not in ran.stderr  # torch.distributed.nn's all_gather warned on every step
+    assert (tmp_path / "even.lock").read_text().strip().isdigit()  # rank 0 held the lock

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 import _common as C  # noqa: N812 - also puts the repo on sys.path
 from common.cache import CHUNK_ROWS
@@ -36,7 +36,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rows", type=int, default=200_000)
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--chunk-rows", type=int, nargs="+", default=[256, 1024, 2048, 4096, 8192])
-    p.add_argument("--compressors", nargs="+", choices=("none", "blosc"), default=["none", "blosc"])
+    p.add_argument("--compressors", nargs="+", choices=("none", "crc32c", "blosc"), default=["none", "crc32c", "blosc"])
     p.add_argument("--batch", type=int, default=256, help="rows per random batch")
     p.add_argument("--batches", type=int, default=6, help="random batches per configuration and round")
     p.add_argument("--repeats", type=int, default=3)
@@ -53,7 +53,9 @@ def embeddings(rows: int, dim: int, seed: int = 0) -> np.ndarray:
 
 
 def compressors(name: str):
-    return None if name == "none" else BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
+    """The bytes-to-bytes codecs of a variant: `crc32c` is the checksum every store chunk carries now."""
+    return {"none": None, "crc32c": [Crc32cCodec()],
+            "blosc": [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")]}[name]
 
 
 def write(path: Path, data: np.ndarray, chunk_rows: int, compressor: str) -> zarr.Array:

@@ -293,7 +293,8 @@ def main() -> None:
         runs = []
         for ranks in args.ranks:
             for with_store in (None, store):
-                runs.append(ranks_run(ranks, spec, with_store, cache_dir, root / f"run-ranks-{ranks}"))
+                out = root / f"run-ranks-{ranks}-{'cache' if with_store else 'plain'}"
+                runs.append(ranks_run(ranks, spec, with_store, cache_dir, out))
                 print(json.dumps(runs[-1]))
         results["ranks"] = runs
     with tempfile.TemporaryDirectory() as tmp:

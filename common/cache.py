@@ -93,6 +93,11 @@ def create_store(url: str, attrs: dict, index: CorpusIndex) -> zarr.Group:
     return group
 
 
+def broken_metadata(store: str, error: json.JSONDecodeError) -> str:
+    return (f"store {store} has a broken metadata file ({error.msg}, line {error.lineno} column {error.colno}): "
+            f"rebuild it with `kd-cache build --overwrite`")
+
+
 def open_group(url: str, mode: str = "r") -> zarr.Group:
     """A store's root group; a clear error for a missing or unreadable one."""
     try:
@@ -100,8 +105,7 @@ def open_group(url: str, mode: str = "r") -> zarr.Group:
             raise CacheError(f"cache {url} is not a Zarr store (no zarr.json): build it with `kd-cache build`")
         return zarr.open_group(url, mode=mode)
     except json.JSONDecodeError as e:
-        raise CacheError(f"cache {url}: a zarr.json is not valid JSON ({e}): the store is damaged; rebuild it "
-                         f"with `kd-cache build --overwrite`") from e
+        raise CacheError(broken_metadata(url, e)) from e
     except StorageError as e:
         raise CacheError(str(e)) from e
 

@@ -12,7 +12,7 @@ from typing import Iterator
 import click
 import torch
 
-from common.cache import CacheError
+from common.cache import CacheError, broken_metadata
 from common.corpus import CorpusError
 from common.lock import OutputLocked
 from common.models import ModelError
@@ -63,9 +63,8 @@ def user_message(error: BaseException, store: str | None = None, out: str | None
     store the command opens; `out`: what it writes (named when a full disk's error does not say which file)."""
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         return f"no space left on the device writing {error.filename or out or 'the output'}: {_DISK_FULL_ADVICE}"
-    if isinstance(error, json.JSONDecodeError) and store:
-        return (f"store {store} has a broken metadata file ({error.msg}, line {error.lineno} column {error.colno}): "
-                f"rebuild it with `kd-cache build --overwrite`")
+    if isinstance(error, json.JSONDecodeError) and store:  # an array's zarr.json, read after the store opened
+        return broken_metadata(store, error)
     if isinstance(error, USER_ERRORS):
         return worker_message(str(error))
     return None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import click
 
@@ -58,7 +59,8 @@ def main(verbose: bool, **kwargs):
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(name)s: %(message)s")
     with reported_errors(store=kwargs["cache"], out=kwargs["out"]):
         last = train(TrainOptions(**kwargs))
-    click.echo(json.dumps(last))
+    if os.environ.get("RANK", "0") == "0":  # one summary per run, not per torchrun process
+        click.echo(json.dumps(last))
 
 
 if __name__ == "__main__":

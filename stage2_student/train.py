@@ -414,9 +414,10 @@ class Trainer:
             last = self.loop(signals)
             seconds = time.perf_counter() - started
             samples = (self.step - first_step) * self.opts.batch_size
-            log.info("wrote %s (student.pt, open_clip_config.json, resume.pt, metrics.jsonl): steps %d-%d, %d samples "
-                     "in %.1f s (%.1f samples/s)", self.out, first_step + 1, self.step, samples, seconds,
-                     samples / seconds if seconds else 0.0)
+            if self.rank == 0:
+                log.info("wrote %s (student.pt, open_clip_config.json, resume.pt, metrics.jsonl): steps %d-%d, "
+                         "%d samples in %.1f s (%.1f samples/s)", self.out, first_step + 1, self.step, samples,
+                         seconds, samples / seconds if seconds else 0.0)
         return last
 
     def start_files(self) -> Path:

@@ -76,7 +76,8 @@ class TargetProvider:
                 self.arrays = {name: ChunkedRows(cache.array(name), share(name) // max(per_chunk(name), 1),
                                                  f"cache {cache.path}") for name in wanted}
             elif int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > 1:  # one copy per node, shared by its ranks
-                self.arrays = {name: node_local_copy(cache, name) for name in wanted}
+                # sorted: set order differs between processes (hash seeds), and each copy ends in a barrier
+                self.arrays = {name: node_local_copy(cache, name) for name in sorted(wanted)}
             else:
                 self.arrays = {name: cache.load(name) for name in wanted}
 

@@ -324,8 +324,12 @@ def assemble(urls: list[str], names: list[str], stats: list[Stat], known: list[C
 
 
 def span_members(span: bytes) -> Iterator[tuple[str, bool, bytes]]:
-    """(member name, is a regular file, data) of the tar members in one sample's byte span."""
-    with tarfile.open(fileobj=io.BytesIO(span), mode="r:") as tar:
-        for member in tar:
-            data = tar.extractfile(member).read() if member.isreg() else b""
-            yield member.name, member.isreg(), data
+    """(member name, is a regular file, data) of the tar members in one sample's byte span (the same header
+    reader as the index scan, tarfile only for pax / GNU long-name headers)."""
+    stream = io.BytesIO(span)
+    try:
+        members = list(_ustar_members(stream, {}))
+    except _SpecialHeader:
+        members = list(_tarfile_members(stream, {}))
+    for name, _, data, size, regular in members:
+        yield name, regular, span[data:data + size] if regular else b""

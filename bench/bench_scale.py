@@ -13,6 +13,7 @@ import argparse
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -236,9 +237,12 @@ def ranks_run(ranks: int, spec: str, store: Path | None, cache_dir: str, out: Pa
         if first_step is None and (out / "metrics.jsonl").exists():
             first_step = time.perf_counter() - start
         time.sleep(0.2)
+    log = proc.stderr.read().decode()
     if proc.returncode:
-        raise RuntimeError(proc.stderr.read().decode()[-2000:])
+        raise RuntimeError(log[-2000:])
+    ready = [float(m) for m in re.findall(r"rank \d+ ready in ([0-9.]+) s", log)]
     return {"ranks": ranks, "targets": bool(store), "peak_pss_MB": peak / 2**20, "first_step_s": first_step,
+            "rank_setup_s": ready,
             "total_s": time.perf_counter() - start}
 
 
@@ -254,12 +258,14 @@ def main() -> None:
     parser.add_argument("--root", default=str(Path(tempfile.gettempdir()) / "kd-bench-scale"))
     parser.add_argument("--ranks", type=int, nargs="*", default=[1, 2, 2, 4],
                         help="kd-train process counts to run on the largest corpus (the first 2 makes the node copy)")
+    parser.add_argument("--ranks-only", action="store_true",
+                        help="only the rank runs, on the largest size's corpus from an earlier run")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
     root = Path(args.root)
     results = {"command": command_line(), "machine": machine_info("cpu"), "sizes": {}}
     print(results["command"])
-    for n in args.sizes:
+    for n in [] if args.ranks_only else args.sizes:
         corpus = root / f"corpus-{n}"
         t = time.perf_counter()
         write_corpus(corpus, n)
@@ -279,13 +285,13 @@ def main() -> None:
         print(json.dumps({n: row}))
     sizes = sorted(results["sizes"])
     extrapolated = {}
-    for key in ("index_build_s", "open_s", "rss_index_MB", "train_first_step_s", "pss_workers_MB"):
+    for key in ("index_build_s", "open_s", "rss_index_MB", "train_first_step_s", "pss_workers_MB") if sizes else ():
         values = [np.mean(results["sizes"][n][key]) for n in sizes]
         a, b = fit(sizes, values) if len(sizes) > 1 else (0.0, values[0] / sizes[0])
         extrapolated[key] = {"fixed": a, "per_million": b * 1e6, "at_11M": a + b * CC12M}
     results["extrapolated_11M"] = extrapolated
     if args.ranks:
-        n = max(sizes)
+        n = max(args.sizes)
         spec, cache_dir = str(root / f"corpus-{n}"), str(root / f"kdcache-{n}")
         store = root / f"store-{n}.zarr"
         subprocess.run(["rm", "-rf", str(store), str(Path(cache_dir) / "targets")])

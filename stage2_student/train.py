@@ -194,6 +194,7 @@ class Trainer:
         torch.manual_seed(opts.seed)
 
         # everything that can be wrong is checked before any training work
+        started = time.perf_counter()
         self.cache = CacheStore(opts.cache) if opts.cache else None
         self.corpus = Corpus.open(opts.data, on_error=opts.on_error, known=[self.cache.index()] if self.cache else [])
         self.skipped_samples = 0  # unreadable samples left out of their batches (all ranks)
@@ -250,6 +251,8 @@ class Trainer:
         self.step = self.saved_step = 0
         self.lock = ExitStack()  # rank 0 holds the lock on --out until run() ends
         self.claim_out()
+        log.info("rank %d ready in %.2f s (corpus index, cache join, targets, models; imports not counted)",
+                 self.rank, time.perf_counter() - started)
 
     def claim_out(self) -> None:
         """Rank 0 locks --out and checks it may write there; every rank learns the verdict (no rank is left

@@ -151,6 +151,7 @@ class CacheStore:
             raise CacheError(f"cache {self.path}: its attributes were changed after the build (content hash "
                              f"mismatch in zarr.json): rebuild it with `kd-cache build --overwrite`")
         self._checked: set[str] = set()
+        self._index: CorpusIndex | None = None
 
     @property
     def num_rows(self) -> int:
@@ -208,7 +209,10 @@ class CacheStore:
         return ChunkedRows(self.array(name), max_chunks=1, what=f"cache {self.path}").take(np.asarray(rows))
 
     def index(self) -> CorpusIndex:
-        return read_index(self.group["index"])
+        """The store's corpus index, read once (opening the corpus and joining it to the store both use it)."""
+        if self._index is None:
+            self._index = read_index(self.group["index"])
+        return self._index
 
     def to_float(self, name: str, stored: np.ndarray) -> np.ndarray:
         """float32 targets from stored rows: gradients unscaled, int8 embeddings re-normalised."""

@@ -140,10 +140,6 @@ class Corpus:
         return np.array(self.index.keys(), dtype=str)
 
     @property
-    def shard_names(self) -> list[str]:
-        return self.index.names
-
-    @property
     def errors(self) -> list[str]:
         return [f"{url}: {error}" for url, error in zip(self.index.urls, self.index.errors) if error]
 

@@ -17,6 +17,7 @@ again and remote shards are read with ranged requests.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -293,8 +294,7 @@ def assemble(urls: list[str], names: list[str], stats: list[Stat], known: list[C
     for index in known:
         if (index.names == names and index.sizes.tolist() == [s.size for s in stats]
                 and index.versions == [s.version for s in stats]):
-            index.urls = list(urls)
-            return index, 0
+            return dataclasses.replace(index, urls=list(urls)), 0  # a copy: the known index stays as stored
     by_name: dict[str, tuple[CorpusIndex, int]] = {}
     for index in known:
         for i, name in enumerate(index.names):

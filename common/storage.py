@@ -246,11 +246,6 @@ class RangeReader:
         fd = self._fd(path)
         return [os.pread(fd, end - start, start) for start, end in zip(starts, ends)]
 
-    def close(self) -> None:
-        if self.pid == os.getpid():
-            for fd in self.fds.values():
-                os.close(fd)
-        self.fds = {}
 
 
 def remove_tree(url: str) -> None:

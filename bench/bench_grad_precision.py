@@ -42,7 +42,7 @@ class ExactGradientTrainer(Trainer):
 
     def __init__(self, opts):
         super().__init__(opts)
-        self.targets = RecomputedGradients(self.targets)
+        self.targets = {name: RecomputedGradients(p) for name, p in self.targets.items()}
 
 
 def main() -> None:

@@ -100,7 +100,7 @@ def interleaved_rounds(args, runs: dict[str, Trainer], batches: list[dict],
         "(a) student-only step": lambda: runs["student-only"].train_step(batch()),
         "(b) cached KD step": lambda: runs["cached KD"].train_step(batch()),
         "(c) live KD step": lambda: runs["live KD"].train_step(batch()),
-        "teacher forward (live targets)": lambda: runs["live KD"].targets(batch(), False),
+        "teacher forward (live targets)": lambda: runs["live KD"].targets["main"](batch(), False),
         f"target reader x{args.reader_calls}": lambda: [reader(q, False) for q in requests],
         "load one batch (1 process)": lambda: dataset[current["i"]],
     }
@@ -178,12 +178,12 @@ def main() -> None:
         cache = build_teacher_cache(args, data, tmp / "cache.zarr")
         runs = trainers(args, data, cache, tmp)
         results["student"] = C.model_summary(runs["cached KD"].student_clip)
-        results["teacher"] = C.model_summary(runs["live KD"].teacher)
+        results["teacher"] = C.model_summary(runs["live KD"].teachers["main"])
         batches = [runs["live KD"].loader(0, 0).dataset[i] for i in range(args.batches)]
         store = big_store(runs["cached KD"].cache, args.reader_rows, tmp / "reader.zarr")
         kd = runs["cached KD"].loss_set
         provider = TargetProvider("cache", kd.teacher_needs, kd.teacher_optional, store, None, grad_batches=False)
-        memory = {"bytes_per_sample": runs["cached KD"].targets.memory_bytes / runs["cached KD"].cache.num_rows,
+        memory = {"bytes_per_sample": runs["cached KD"].targets["main"].memory_bytes / runs["cached KD"].cache.num_rows,
                   "reader_mb": provider.memory_bytes / 2**20}
         times = interleaved_rounds(args, runs, batches, provider)
         loader_s = loader_run(runs["cached KD"], args.loader_steps, args.device) if args.loader_steps else []

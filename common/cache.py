@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import OrderedDict
 
 import numpy as np
@@ -33,6 +34,15 @@ CHECKSUM = (Crc32cCodec(),)
 PROVENANCE_KEYS = ("format_version", "teacher", "corpus", "build")
 # Attributes that shape the targets: hashed into `content_hash`, checked on every open.
 CONTENT_KEYS = PROVENANCE_KEYS + ("embed_dim", "teacher_logit_scale", "grad_scale")
+# Several teachers share the rows, views and gradient batches: the build's teacher ("main") has its arrays at the
+# root, each teacher added later (`kd-cache add-teacher`) the same arrays under teachers/<name>/, with its own
+# attributes overriding the root's TEACHER_ATTRS.
+MAIN_TEACHER = "main"
+TEACHERS = "teachers"
+TEACHER_ARRAYS = frozenset({"image_emb", "text_emb", "image_grad", "text_grad", "caption_text_emb", "blocks_done"})
+TEACHER_ATTRS = ("teacher", "embed_dim", "teacher_logit_scale", "grad_scale")
+TEACHER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+CAPTIONS = "captions"  # synthetic captions: captions/text (N, C) strings; teachers' embeddings in caption_text_emb
 
 
 class CacheError(ValueError):
@@ -65,32 +75,58 @@ def grad_slots(window_rows: int, grad_batch: int) -> int:
     return -(-window_rows // grad_batch)
 
 
+def emb_shape(num_rows: int, views: int, dim: int) -> tuple[int, ...]:
+    return (num_rows, 1 + views, dim) if views else (num_rows, dim)
+
+
+def create_teacher_arrays(group: zarr.Group, num_rows: int, build: dict, dim: int) -> None:
+    """One teacher's empty arrays (embeddings, gradients, its build's `blocks_done`) in `group`."""
+    rows, dtype = build["chunk_rows"], DTYPES[build["dtype"]]
+    arrays = {"image_emb": (emb_shape(num_rows, build["views"], dim), dtype), "text_emb": ((num_rows, dim), dtype)}
+    if build["grads"]:
+        arrays |= {"image_grad": ((num_rows, dim), GRAD_DTYPE), "text_grad": ((num_rows, dim), GRAD_DTYPE)}
+    for name, (shape, dtype) in arrays.items():
+        group.create_array(name, shape=shape, chunks=(rows,) + shape[1:], dtype=dtype, compressors=CHECKSUM,
+                           fill_value=0)
+    # one chunk per block, so ranks mark their own blocks without touching each other's chunk files
+    group.create_array("blocks_done", shape=(-(-num_rows // rows),), chunks=(1,), dtype="bool", fill_value=False)
+
+
 def create_store(url: str, attrs: dict, index: CorpusIndex) -> zarr.Group:
     """Create an empty store with every array (the data is filled in by the build) and the corpus index."""
     build = attrs["build"]
-    num_rows, dim, views, rows = index.num_samples, attrs["embed_dim"], build["views"], build["chunk_rows"]
+    num_rows, views, rows = index.num_samples, build["views"], build["chunk_rows"]
     group = zarr.open_group(url, mode="w")
-    emb_shape = (num_rows, 1 + views, dim) if views else (num_rows, dim)
-    arrays = {"image_emb": (emb_shape, DTYPES[build["dtype"]]), "text_emb": ((num_rows, dim), DTYPES[build["dtype"]]),
-              "valid": ((num_rows,), "bool")}
-    if build["grads"]:
-        arrays |= {"image_grad": ((num_rows, dim), GRAD_DTYPE), "text_grad": ((num_rows, dim), GRAD_DTYPE)}
+    create_teacher_arrays(group, num_rows, build, attrs["embed_dim"])
+    arrays = {"valid": ((num_rows,), "bool")}
     if views:
         arrays |= {"view_boxes": ((num_rows, views, 4), "float64"), "view_flips": ((num_rows, views), "bool")}
     for name, (shape, dtype) in arrays.items():
         group.create_array(name, shape=shape, chunks=(rows,) + shape[1:], dtype=dtype, compressors=CHECKSUM,
                            fill_value=0)
-    n_blocks = -(-num_rows // rows)
-    n_windows = -(-n_blocks // build["window_blocks"])
+    n_windows = -(-group["blocks_done"].shape[0] // build["window_blocks"])
     slots = grad_slots(build["window_blocks"] * rows, build["grad_batch"])
     if build["grads"]:  # one chunk per window: the rank that computes a window writes its chunk alone
         group.create_array("grad_batches", shape=(n_windows * slots, build["grad_batch"]),
                            chunks=(slots, build["grad_batch"]), dtype="int64", fill_value=-1, compressors=CHECKSUM)
-    # one chunk per block, so ranks mark their own blocks without touching each other's chunk files
-    group.create_array("blocks_done", shape=(n_blocks,), chunks=(1,), dtype="bool", fill_value=False)
     write_index(group.create_group("index"), index, codecs=CHECKSUM)
     group.attrs.update({**attrs, "content_hash": content_hash(attrs), "complete": False})
     return group
+
+
+def create_teacher_group(root: zarr.Group, name: str, teacher_attrs: dict) -> zarr.Group:
+    """teachers/<name>/: an added teacher's empty arrays, over the root's rows and build options."""
+    group = root.require_group(TEACHERS).create_group(name)
+    stored = dict(root.attrs)
+    create_teacher_arrays(group, root["valid"].shape[0], stored["build"], teacher_attrs["embed_dim"])
+    group.attrs.update({**teacher_attrs, "content_hash": content_hash(stored | teacher_attrs), "complete": False})
+    return group
+
+
+def teacher_group(url: str, name: str, mode: str = "r+") -> zarr.Group:
+    """The group holding a teacher's arrays: the root for the build's teacher, teachers/<name>/ otherwise."""
+    root = zarr.open_group(url, mode=mode)
+    return root if name == MAIN_TEACHER else root[f"{TEACHERS}/{name}"]
 
 
 def broken_metadata(store: str, error: json.JSONDecodeError) -> str:
@@ -135,9 +171,11 @@ def read_chunked(array: zarr.Array, start: int, stop: int, what: str) -> np.ndar
 
 
 class CacheStore:
-    """Read side of a finished store, for stage two, evaluation and verify."""
+    """Read side of a finished store, for stage two, evaluation and verify: one teacher's view of it (the build's
+    teacher by default; `teacher(name)` for another). Arrays shared by all teachers (valid, views, gradient
+    batches, index, captions) come from the root, the teacher's own arrays and attributes from its group."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, teacher: str = MAIN_TEACHER):
         self.path = str(url)
         self.group = open_group(self.path)
         self.attrs = dict(self.group.attrs)
@@ -150,8 +188,46 @@ class CacheStore:
         if self.attrs.get("content_hash") != content_hash(self.attrs):
             raise CacheError(f"cache {self.path}: its attributes were changed after the build (content hash "
                              f"mismatch in zarr.json): rebuild it with `kd-cache build --overwrite`")
+        self.teacher_name, self.teacher_group = teacher, self.group
+        if teacher != MAIN_TEACHER:
+            self.teacher_group = self._added_teacher(teacher)
+            own = dict(self.teacher_group.attrs)
+            self.attrs = self.attrs | {k: own[k] for k in TEACHER_ATTRS} | {"content_hash": own["content_hash"]}
+            if own["content_hash"] != content_hash(self.attrs):
+                raise CacheError(f"cache {self.path}: teacher {teacher}'s attributes were changed after it was "
+                                 f"added (content hash mismatch): add it again under another name")
         self._checked: set[str] = set()
         self._index: CorpusIndex | None = None
+
+    def _added_teacher(self, name: str) -> zarr.Group:
+        status = self.teacher_status()
+        if name not in status:
+            raise CacheError(f"cache {self.path} has no teacher {name!r}; it has {', '.join(status)}: add one with "
+                             f"`kd-cache add-teacher {self.path} --name {name} ...`")
+        if status[name] != "complete":
+            raise CacheError(f"cache {self.path}: teacher {name!r} is {status[name]} (an interrupted add-teacher): "
+                             f"re-run the same `kd-cache add-teacher` command to finish it")
+        return self.group[f"{TEACHERS}/{name}"]
+
+    def teacher_status(self) -> dict[str, str]:
+        """Every teacher in the store, the build's first: 'complete' or 'incomplete'."""
+        status = {MAIN_TEACHER: "complete"}
+        if TEACHERS in self.group:
+            for name, group in sorted(self.group[TEACHERS].groups()):
+                status[name] = "complete" if group.attrs.get("complete") else "incomplete"
+        return status
+
+    def teacher_names(self) -> list[str]:
+        return [name for name, state in self.teacher_status().items() if state == "complete"]
+
+    def teacher(self, name: str) -> "CacheStore":
+        """The same store seen from another of its teachers (the corpus index is shared, not read again)."""
+        other = CacheStore(self.path, name)
+        other._index = self._index
+        return other
+
+    def _group_of(self, name: str) -> zarr.Group:
+        return self.teacher_group if name in TEACHER_ARRAYS else self.group
 
     @property
     def num_rows(self) -> int:
@@ -174,23 +250,25 @@ class CacheStore:
         return self.attrs["build"]["dtype"]
 
     def has(self, name: str) -> bool:
-        return name in self.group
+        return name in self._group_of(name)
 
     def nbytes(self, name: str) -> int:
         """Bytes the array takes in memory, without reading it."""
-        array = self.group[name]
+        array = self._group_of(name)[name]
         return int(np.prod(array.shape)) * array.dtype.itemsize
 
     def require(self, names, why: str = "") -> None:
-        missing = [n for n in names if n not in self.group]
+        missing = [n for n in names if not self.has(n)]
         if missing:
-            raise CacheError(f"cache {self.path} lacks array(s) {missing}{' needed by ' + why if why else ''}: "
-                             f"rebuild it with a current `kd-cache build` (gradients need the default --grads)")
+            who = "" if self.teacher_name == MAIN_TEACHER else f" (teacher {self.teacher_name})"
+            raise CacheError(f"cache {self.path}{who} lacks array(s) {missing}"
+                             f"{' needed by ' + why if why else ''}: rebuild it with a current `kd-cache build` "
+                             f"(gradients need the default --grads; caption embeddings `kd-cache captions`)")
 
     def array(self, name: str) -> zarr.Array:
         """The array, once checked to have every chunk (a missing chunk would read back as zeros)."""
         self.require([name])
-        array = self.group[name]
+        array = self._group_of(name)[name]
         if name not in self._checked:
             if array.nchunks_initialized != array.nchunks:
                 raise CacheError(f"cache {self.path}: array {name} has {array.nchunks_initialized} of its "

@@ -192,6 +192,19 @@ def create_clip(name_or_config: str, pretrained: str | None = None, device: str 
     )
 
 
+def named_weights(spec: str | None, default_name: str) -> dict[str, str]:
+    """'--teacher-pretrained' values: 'PATH' (the default teacher's) or 'NAME=PATH,NAME=PATH' -> {name: path}."""
+    out: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in (spec or "").split(","))):
+        name, sep, path = item.partition("=")
+        name, path = (name.strip(), path.strip()) if sep else (default_name, item)
+        if not path or name in out:
+            raise ModelError(f"--teacher-pretrained {spec!r}: give PATH, or NAME=PATH entries separated by commas, "
+                             f"each teacher once")
+        out[name] = path
+    return out
+
+
 def clip_from_provenance(provenance: dict, pretrained: str | None = None, device: str = "cpu") -> LoadedCLIP:
     """Rebuild the exact teacher a cache was built with (its config is stored, so a config file need not exist),
     and check its weights' fingerprint. `pretrained` overrides a stored checkpoint path that moved."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from common.cache import CacheStore
+from common.cache import MAIN_TEACHER, CacheStore
 from common.corpus import ON_ERROR_CHOICES, Corpus
 from common.errors import (NON_NEGATIVE, POSITIVE, DataPatternGroup, check_device, reported_errors,
                            run_reporting_errors)
@@ -84,11 +84,11 @@ def main(verbose: bool):
 
 
 def evaluate_retrieval(model, checkpoint, cache, data, k, index, batch_size, device, workers, on_error,
-                       first_caption) -> dict:
+                       first_caption, cache_teacher=MAIN_TEACHER) -> dict:
     """Retrieval result JSON of a model (every caption, or the first) or of a cache's stored embeddings."""
     corpus = Corpus.open(shard_spec(data), on_error=on_error)
     if cache:
-        store = CacheStore(cache)
+        store = CacheStore(cache, cache_teacher)
         split = cache_split(store, corpus)
         model, pretrained = model or store.attrs["teacher"]["model"], store.attrs["teacher"]["pretrained"]
     else:
@@ -104,6 +104,8 @@ def evaluate_retrieval(model, checkpoint, cache, data, k, index, batch_size, dev
 @model_options
 @click.option("--cache", default=None,
               help="evaluate a teacher cache's stored embeddings instead of running a model")
+@click.option("--cache-teacher", default=MAIN_TEACHER, show_default=True,
+              help="with --cache: which of its teachers (`kd-cache info` lists them)")
 @click.option("--k", "k", default="1,5,10", show_default=True, callback=parse_ks, help="recall cut-offs")
 @click.option("--index", type=click.Choice(["flat", "ivf", "hnsw"]), default="flat", show_default=True,
               help="FAISS index: flat = exact; ivf / hnsw also report their recall vs exact search")

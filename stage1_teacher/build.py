@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -26,12 +26,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from common import dist
-from common.cache import (CHUNK_ROWS, DTYPES, FORMAT_VERSION, CacheError, create_store, dequantize, grad_slots,
-                          open_group, provenance_diff, quantize, store_index)
+from common.cache import (CAPTIONS, CHUNK_ROWS, DTYPES, FORMAT_VERSION, MAIN_TEACHER, TEACHER_ATTRS, TEACHER_NAME, TEACHERS,
+                          CacheError, create_store, create_teacher_group, dequantize, grad_slots, open_group,
+                          provenance_diff, quantize, store_index, teacher_group)
 from common.contrastive import clip_loss_grads
 from common.corpus import Corpus
 from common.models import LoadedCLIP, create_clip
 from common.storage import exists, join, remove_tree
+from stage1_teacher.captions import embed_captions
 from common.views import CLEAN_VIEW, DEFAULT_SCALE, keyed_view, render, views_to_arrays
 
 log = logging.getLogger("kd-cache")
@@ -57,6 +59,7 @@ class BuildOptions:
     view_scale: tuple[float, float] = DEFAULT_SCALE
     grads: bool = True
     window_blocks: int = 0  # 0: enough blocks for WINDOW_ROWS rows and at least one gradient batch
+    name: str = MAIN_TEACHER  # another name: add this teacher to the existing store at `out` (teachers/<name>/)
 
     def check(self) -> None:
         for name in ("batch_size", "grad_batch", "chunk_rows"):
@@ -70,6 +73,17 @@ class BuildOptions:
             raise ValueError(f"--window-blocks must be >= 0, got {self.window_blocks}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r}: choose one of {sorted(DTYPES)}")
+
+    @property
+    def adds_teacher(self) -> bool:
+        return self.name != MAIN_TEACHER
+
+    def inherit(self, build: dict, options: dict) -> "BuildOptions":
+        """An added teacher sees the rows, views and gradient batches of the store's build: its options."""
+        return replace(self, batch_size=build["batch_size"], grad_batch=build["grad_batch"], views=build["views"],
+                       dtype=build["dtype"], seed=build["seed"], chunk_rows=build["chunk_rows"],
+                       view_scale=tuple(build["view_scale"]), grads=build["grads"],
+                       window_blocks=build["window_blocks"], on_error=options.get("on_error", self.on_error))
 
     @property
     def blocks_per_window(self) -> int:
@@ -155,17 +169,19 @@ class BlockBatches(IterableDataset):
 
 class WindowWriter:
     """Main-process side: gathers each window's batches (they arrive interleaved across workers), and once a window
-    is whole computes its gradients and writes it."""
+    is whole computes its gradients and writes it: the teacher's arrays into `group`, and the arrays all teachers
+    share (valid flags, views, gradient batches) into `root` (the build), or checks them against it (an added
+    teacher must see the same rows)."""
 
-    def __init__(self, group: zarr.Group, opts: BuildOptions, embed_dim: int, scale: float, grad_scale: float | None,
-                 windows: dict[int, np.ndarray], device: str):
-        self.group, self.opts, self.embed_dim, self.device = group, opts, embed_dim, device
+    def __init__(self, root: zarr.Group, group: zarr.Group, opts: BuildOptions, embed_dim: int, scale: float,
+                 grad_scale: float | None, windows: dict[int, np.ndarray], device: str):
+        self.root, self.group, self.opts, self.embed_dim, self.device = root, group, opts, embed_dim, device
         self.scale, self.grad_scale = scale, grad_scale
         self.window_of = {int(b): w for w, blocks in windows.items() for b in blocks}
         self.windows = windows
         self.blocks: dict[int, dict] = {}
         self.blocks_complete: dict[int, int] = {}
-        self.num_rows = group["valid"].shape[0]
+        self.num_rows = root["valid"].shape[0]
         self.slots = grad_slots(opts.blocks_per_window * opts.chunk_rows, opts.grad_batch)
 
     @property
@@ -211,13 +227,22 @@ class WindowWriter:
             stop = start + len(buf["valid"])
             g["image_emb"][start:stop] = stored_image[i] if self.opts.views else stored_image[i][:, 0]
             g["text_emb"][start:stop] = stored_text[i]
-            g["valid"][start:stop] = buf["valid"]
+            self.shared("valid", slice(start, stop), buf["valid"])
             if self.opts.views:
-                g["view_boxes"][start:stop], g["view_flips"][start:stop] = buf["boxes"], buf["flips"]
+                self.shared("view_boxes", slice(start, stop), buf["boxes"])
+                self.shared("view_flips", slice(start, stop), buf["flips"])
             if grads is not None:
                 g["image_grad"][start:stop], g["text_grad"][start:stop] = grads[0][i], grads[1][i]
         for block in blocks:  # last: a block is done only once its window's data is on disk
             g["blocks_done"][int(block)] = True
+
+    def shared(self, name: str, where: slice, values: np.ndarray) -> None:
+        """Write an array all teachers share (the build), or check that an added teacher saw the same."""
+        if not self.opts.adds_teacher:
+            self.root[name][where] = values
+        elif not np.array_equal(self.root[name][where], values):
+            raise CacheError(f"rows {where.start}..{where.stop - 1}: {name} differs from the store's build (the "
+                             f"shards or their readability changed since): rebuild the store for this data")
 
     def gradients(self, window: int, blocks, bufs, stored_image, stored_text):
         """Teacher gradients of the symmetric CLIP loss over the window's gradient batches, from the stored values,
@@ -233,7 +258,7 @@ class WindowWriter:
             idx = torch.from_numpy(np.searchsorted(rows, batch[batch >= 0])).to(self.device)
             if len(idx):
                 image_grad[idx], text_grad[idx] = clip_loss_grads(image[idx], text[idx], self.scale)
-        self.group["grad_batches"][window * self.slots:(window + 1) * self.slots] = batches
+        self.shared("grad_batches", slice(window * self.slots, (window + 1) * self.slots), batches)
         cut = np.cumsum([len(buf["valid"]) for buf in bufs])[:-1]
         to_stored = lambda g: np.split((g * self.grad_scale).cpu().numpy().astype(np.float16), cut)  # noqa: E731
         return to_stored(image_grad), to_stored(text_grad)
@@ -260,6 +285,43 @@ def open_or_create(opts: BuildOptions, attrs: dict, corpus: Corpus) -> str:
     return "new"
 
 
+def open_or_add_teacher(opts: BuildOptions, attrs: dict) -> str:
+    """Rank 0: resume or create teachers/<name>/ in a finished store of the same data; refuse a teacher the store
+    already holds, a name taken by another teacher, or a store of other data. Returns the state."""
+    out, name = opts.out, opts.name
+    if not TEACHER_NAME.match(name) or name == MAIN_TEACHER:
+        raise CacheError(f"--name {name!r}: give a name of letters, digits, '-' or '_' (starting with a letter), "
+                         f"other than {MAIN_TEACHER!r} (the build's teacher)")
+    root = open_group(out, mode="r+")
+    stored = dict(root.attrs)
+    if stored.get("format_version") != FORMAT_VERSION or not stored.get("complete"):
+        raise CacheError(f"store {out} is not a finished format-{FORMAT_VERSION} store: finish (or rebuild) it with "
+                         f"`kd-cache build` before adding teachers")
+    diffs = provenance_diff(stored, attrs, keys=("corpus",))
+    if diffs:
+        raise CacheError(f"store {out} was built from other data than --data {opts.data}:\n  " + "\n  ".join(diffs))
+    added = dict(root[TEACHERS].groups()) if TEACHERS in root else {}
+    holders = {MAIN_TEACHER: stored["teacher"]} | {n: dict(g.attrs).get("teacher") for n, g in added.items()}
+    for holder, teacher in holders.items():
+        same = teacher and teacher["fingerprint"] == attrs["teacher"]["fingerprint"] and \
+            teacher["config"] == attrs["teacher"]["config"]
+        if same and holder != name:
+            raise CacheError(f"store {out} already holds this teacher ({attrs['teacher']['model']}, weights "
+                             f"{attrs['teacher']['fingerprint'][:12]}) as {holder!r}")
+    if name in added:
+        group = added[name]
+        if group.attrs.get("initialized"):
+            diffs = provenance_diff(dict(group.attrs), attrs, keys=("teacher",))
+            if diffs:
+                raise CacheError(f"store {out} has another teacher named {name!r}:\n  " + "\n  ".join(diffs) +
+                                 "\nChoose another --name.")
+            return "complete" if group.attrs.get("complete") else "resume"
+        remove_tree(join(out, TEACHERS, name))  # killed while being created
+    group = create_teacher_group(root, name, {k: attrs[k] for k in TEACHER_ATTRS})
+    group.attrs["initialized"] = True
+    return "new"
+
+
 def encode_batch(teacher: LoadedCLIP, batch: dict) -> tuple[np.ndarray | None, np.ndarray | None]:
     images, tokens = batch["images"], batch["tokens"]
     if not len(tokens):
@@ -275,6 +337,11 @@ def build_cache(opts: BuildOptions) -> str:
     rank, world = dist.init_distributed(opts.device)
     device = dist.local_device(opts.device)
     known = store_index(opts.out) if not opts.overwrite else None  # resume: no shard is scanned again
+    if opts.adds_teacher:
+        if known is None:
+            raise CacheError(f"{opts.out} is not a cache store: build it with `kd-cache build` first")
+        stored = dict(open_group(opts.out).attrs)
+        opts = opts.inherit(stored["build"], stored.get("options", {}))
     corpus = Corpus.open(opts.data, on_error=opts.on_error, known=[known] if known else [])
     teacher = create_clip(opts.teacher, opts.pretrained, device=device)
     teacher.model.eval()
@@ -283,17 +350,18 @@ def build_cache(opts: BuildOptions) -> str:
     decision: tuple[str, str] = ("ok", "")
     if rank == 0:
         try:
-            decision = ("ok", open_or_create(opts, attrs, corpus))
+            decision = ("ok", open_or_add_teacher(opts, attrs) if opts.adds_teacher
+                        else open_or_create(opts, attrs, corpus))
         except CacheError as e:
             decision = ("error", str(e))
     decision = dist.broadcast_object(decision)
     if decision[0] == "error":
         raise CacheError(decision[1])
     if decision[1] == "complete":
-        log.info("store %s is already complete", opts.out)
+        log.info("store %s: teacher %s is already complete", opts.out, opts.name)
         return opts.out
 
-    group = zarr.open_group(opts.out, mode="r+")
+    root, group = zarr.open_group(opts.out, mode="r+"), teacher_group(opts.out, opts.name)
     done = group["blocks_done"][...]
     windows = window_blocks(len(done), opts.blocks_per_window, opts.seed)
     todo = [w for w, blocks in enumerate(windows) if not done[blocks].all()]
@@ -303,12 +371,12 @@ def build_cache(opts: BuildOptions) -> str:
     loader = DataLoader(dataset, batch_size=None, num_workers=opts.workers,
                         pin_memory=device.startswith("cuda"), prefetch_factor=4 if opts.workers else None,
                         persistent_workers=False)
-    writer = WindowWriter(group, opts, teacher.embed_dim, attrs["teacher_logit_scale"], attrs["grad_scale"], mine,
-                          device)
+    writer = WindowWriter(root, group, opts, teacher.embed_dim, attrs["teacher_logit_scale"], attrs["grad_scale"],
+                          mine, device)
     errors: list[str] = []
     start_time = time.perf_counter()
-    with tqdm(total=rows_todo, unit="sample", desc=f"teacher pass (rank {rank})", disable=rank != 0 and world > 1,
-              dynamic_ncols=True) as bar:
+    with tqdm(total=rows_todo, unit="sample", desc=f"teacher {opts.name} (rank {rank})",
+              disable=rank != 0 and world > 1, dynamic_ncols=True) as bar:
         for batch in loader:
             writer.add(batch, *encode_batch(teacher, batch))
             errors.extend(batch["errors"])
@@ -316,6 +384,16 @@ def build_cache(opts: BuildOptions) -> str:
     elapsed = time.perf_counter() - start_time
     if writer.pending:
         raise RuntimeError(f"blocks {writer.pending} did not receive all their batches")
+    if opts.adds_teacher:
+        if root.get(CAPTIONS) is not None and root[CAPTIONS].attrs.get("complete"):
+            embed_captions(opts.out, group, teacher, rank, world)
+        rows_done = sum(dist.all_gather_objects(rows_todo))  # also waits for every rank's writes
+        if rank == 0:
+            group.attrs["complete"] = True
+            log.info("added teacher %s (%s) to %s: %d rows this run, %.1f s", opts.name, teacher.name, opts.out,
+                     rows_done, elapsed)
+        dist.barrier()
+        return opts.out
 
     all_errors = [e for part in dist.all_gather_objects(errors) for e in part]
     rows_done = sum(dist.all_gather_objects(rows_todo))

@@ -8,11 +8,13 @@ import os
 
 import click
 
-from common.cache import CHUNK_ROWS, DTYPES
+from common.cache import CHUNK_ROWS, DTYPES, MAIN_TEACHER
 from common.corpus import ON_ERROR_CHOICES
 from common.errors import NON_NEGATIVE, POSITIVE, DataPatternGroup, check_device, reported_errors
 from common.lock import output_lock
+from common.models import named_weights
 from stage1_teacher.build import BuildOptions, build_cache
+from stage1_teacher.captions import CaptionOptions, build_captions
 from stage1_teacher.inspect import store_summary, verify_store
 
 @click.group(cls=DataPatternGroup)
@@ -55,6 +57,43 @@ def build(**kwargs):
         build_cache(BuildOptions(**kwargs))
 
 
+@main.command("add-teacher")
+@click.argument("store")
+@click.option("--name", required=True, help="the teacher's name in the store (kd-train --teachers NAME)")
+@click.option("--teacher", required=True, help="open_clip model name or path to a model config JSON")
+@click.option("--pretrained", default=None, help="open_clip pretrained tag or local checkpoint path")
+@click.option("--data", required=True, help="the shards the store was built from")
+@click.option("--device", default="cpu", show_default=True, callback=check_device,
+              help="cpu or cuda (cuda = this rank's GPU under torchrun)")
+@click.option("--workers", default=2, show_default=True, type=NON_NEGATIVE, help="DataLoader decoding workers")
+def add_teacher(store: str, name: str, **kwargs):
+    """Add another teacher's targets over the store's rows, views and gradient batches (and captions, if any);
+    resumable, splits across torchrun ranks, leaves the other teachers untouched."""
+    holds_lock = int(os.environ.get("RANK", "0")) == 0
+    with reported_errors(store=store, out=store), output_lock(store) if holds_lock else contextlib.nullcontext():
+        build_cache(BuildOptions(out=store, name=name, **kwargs))
+
+
+@main.command()
+@click.argument("store")
+@click.option("--data", required=True, help="the shards the store was built from")
+@click.option("--captioner", required=True, help="open_clip CoCa model name or config JSON")
+@click.option("--pretrained", default=None, help="the captioner's local checkpoint (or open_clip tag)")
+@click.option("--num", default=5, show_default=True, type=POSITIVE, help="captions per image")
+@click.option("--seed", default=0, show_default=True, help="seeds the nucleus sampling (per row)")
+@click.option("--batch-size", default=64, show_default=True, type=POSITIVE, help="images per captioner batch")
+@click.option("--teacher-pretrained", "teacher_pretrained", multiple=True,
+              help="NAME=PATH: a teacher's checkpoint, if it moved since it was added (repeatable)")
+@click.option("--device", default="cpu", show_default=True, callback=check_device)
+@click.option("--overwrite", is_flag=True, help="replace captions made with another captioner or options")
+def captions(store: str, teacher_pretrained: tuple[str, ...], **kwargs):
+    """Generate N synthetic captions per image with a CoCa captioner, and embed them with every teacher."""
+    holds_lock = int(os.environ.get("RANK", "0")) == 0
+    with reported_errors(store=store, out=store), output_lock(store) if holds_lock else contextlib.nullcontext():
+        build_captions(CaptionOptions(store=store, teacher_pretrained=named_weights(",".join(teacher_pretrained),
+                                                                                    MAIN_TEACHER), **kwargs))
+
+
 @main.command()
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
@@ -73,7 +112,8 @@ def info(store: str, as_json: bool):
 @click.argument("store")
 @click.option("--data", required=True, help="the shards the store was built from")
 @click.option("--sample", default=32, show_default=True, type=POSITIVE, help="rows to recompute with the teacher")
-@click.option("--teacher-pretrained", default=None, help="teacher weights, if they moved since the build")
+@click.option("--teacher-pretrained", default=None,
+              help="teacher weights, if they moved since the build: PATH (main), or NAME=PATH,NAME=PATH")
 @click.option("--device", default="cpu", show_default=True, callback=check_device)
 @click.option("--seed", default=0, show_default=True)
 def verify(store: str, data: str, sample: int, teacher_pretrained: str | None, device: str, seed: int):

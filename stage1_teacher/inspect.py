@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from common.cache import CacheError, CacheStore, dequantize, join_to_cache, provenance_diff, read_chunked
+from common.cache import CAPTIONS, MAIN_TEACHER, CacheError, CacheStore, dequantize, join_to_cache, provenance_diff, read_chunked
 from common.contrastive import clip_loss_grads
 from common.corpus import Corpus
-from common.models import clip_from_provenance
+from common.models import clip_from_provenance, named_weights
 from common.storage import filesystem
 from common.views import CLEAN_VIEW, render, view_from_arrays
 
@@ -47,10 +47,30 @@ def store_summary(path: str) -> dict:
         "shards": len(attrs["corpus"]["shards"]),
         "grad batches": f"{grads.shape[0]} slots x {attrs['build']['grad_batch']}" if grads is not None else "none",
         "chunk rows": attrs["build"]["chunk_rows"],
+        "teachers": "; ".join(teacher_line(store, name, state) for name, state in store.teacher_status().items()),
+        "synthetic captions": captions_line(store),
         "bytes on disk": size,
         "files": files,
         "bytes per sample": round(size / max(store.num_rows, 1), 1),
     }
+
+
+def teacher_line(store: CacheStore, name: str, state: str) -> str:
+    if state != "complete":
+        return f"{name} (incomplete: re-run its kd-cache add-teacher)"
+    view = store.teacher(name)
+    teacher = view.attrs["teacher"]
+    captions = ", captions embedded" if view.has("caption_text_emb") else ""
+    return (f"{name} = {teacher['model']} {teacher['fingerprint'][:12]} (D {view.embed_dim}, "
+            f"scale {view.teacher_logit_scale:.2f}{captions})")
+
+
+def captions_line(store: CacheStore) -> str:
+    if not store.has(CAPTIONS):
+        return "none"
+    attrs = dict(store.group[CAPTIONS].attrs)
+    state = "" if attrs.get("complete") else " (incomplete: re-run kd-cache captions)"
+    return f"{attrs['num']} per image by {attrs['captioner']['model']} {attrs['captioner']['fingerprint'][:12]}{state}"
 
 
 def integrity_lines(store: CacheStore) -> tuple[bool, list[str]]:
@@ -102,14 +122,28 @@ def check_corpus(store: CacheStore, corpus: Corpus) -> list[str]:
 
 
 def verify_store(path: str, data: str, sample: int, pretrained: str | None, device: str, seed: int) -> dict:
+    """Integrity and recomputation of every teacher of the store (each line prefixed by the teacher's name when
+    the store has several)."""
     store = CacheStore(path)
-    ok, lines = integrity_lines(store)
     corpus = Corpus.open(data, on_error="skip", known=[store.index()])
     diffs = check_corpus(store, corpus)
     if diffs:
         raise CacheError(f"store {path} was not built from {data}:\n  " + "\n  ".join(diffs))
-    lines.append(f"keys: {corpus.num_samples} rows match the shards")
+    weights = named_weights(pretrained, MAIN_TEACHER)
+    names = store.teacher_names()
+    ok, lines = True, [f"keys: {corpus.num_samples} rows match the shards"]
+    for name in names:
+        view = store if name == MAIN_TEACHER else store.teacher(name)
+        good, part = integrity_lines(view)
+        more = verify_teacher(view, corpus, sample, weights.get(name), device, seed)
+        ok &= good and more["ok"]
+        lines += [f"[{name}] {line}" if len(names) > 1 else line for line in part + more["lines"]]
+    return {"ok": ok, "lines": lines}
 
+
+def verify_teacher(store: CacheStore, corpus: Corpus, sample: int, pretrained: str | None, device: str,
+                   seed: int) -> dict:
+    ok, lines = True, []
     teacher = clip_from_provenance(store.attrs["teacher"], pretrained, device)
     lines.append(f"teacher: {teacher.name}, fingerprint {teacher.fingerprint[:12]} matches")
     valid = store.load("valid")

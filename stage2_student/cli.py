@@ -24,7 +24,14 @@ from stage2_student.train import DEFAULT_LOSSES, TrainOptions, train
 @click.option("--teacher-targets", type=click.Choice(MODES), default="auto", show_default=True,
               help="auto: cache, else live teacher; cache: refuse what the cache cannot serve; live: always teacher")
 @click.option("--teacher", default=None, help="live teacher when no --cache (with --teacher-targets live)")
-@click.option("--teacher-pretrained", default=None, help="teacher weights (if moved since the cache was built)")
+@click.option("--teacher-pretrained", default=None,
+              help="live teachers' weights, if moved since the cache was built: PATH, or NAME=PATH,NAME=PATH")
+@click.option("--teachers", default=None,
+              help="the cache's teachers to learn from: NAME,NAME (see `kd-cache info`) or 'all' [default: main, "
+                   "the build's teacher]")
+@click.option("--synthetic-captions", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+              help="probability that a sample shows one of the cache's synthetic captions (seeded per sample and "
+                   "epoch) instead of its own")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=2),
               help="global batch (a multiple of the torchrun world size)")
 @click.option("--epochs", default=1, show_default=True, type=POSITIVE)

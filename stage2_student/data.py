@@ -13,6 +13,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+import zarr
+
+from common.cache import ChunkedRows
 from common.corpus import Corpus, CorpusError
 from common.models import LoadedCLIP
 from common.views import CLEAN_VIEW, DEFAULT_SCALE, View, keyed_rng, render, sample_view, view_from_arrays
@@ -42,16 +45,16 @@ class Renderer:
 
 
 class TrainBatches(Dataset):
-    """Item `step` of an epoch: this rank's part of global batch `step`, rendered for the student (and for the
-    teacher when targets may come from the live teacher)."""
+    """Item `step` of an epoch: this rank's part of global batch `step`, rendered for the student (and for each
+    teacher whose targets may come from the live teacher)."""
 
     def __init__(self, corpus: Corpus, batches: np.ndarray, cache_rows: np.ndarray | None, rank: int, world: int,
-                 student: Renderer, teacher: Renderer | None, views: "ViewPolicy", epoch: int,
-                 on_error: str = "raise"):
+                 student: Renderer, teachers: dict[str, Renderer], views: "ViewPolicy", epoch: int,
+                 on_error: str = "raise", captions: "CaptionPolicy | None" = None):
         self.corpus, self.batches, self.cache_rows = corpus, batches, cache_rows
         self.rank, self.world, self.epoch = rank, world, epoch
-        self.student, self.teacher, self.views = student, teacher, views
-        self.on_error = on_error
+        self.student, self.teachers, self.views = student, teachers, views
+        self.on_error, self.captions = on_error, captions or CaptionPolicy(0.0, 0)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -65,23 +68,58 @@ class TrainBatches(Dataset):
         if not samples:
             raise CorpusError(f"every sample of this rank's part of batch {step} is unreadable: {skipped[:3]}")
         local = np.array([s.row for s in samples], dtype=np.int64)
-        chosen = [self.views.choose(s.key, self.epoch, None if self.cache_rows is None else self.cache_rows[s.row])
-                  for s in samples]
-        out = {
+        cache_rows = [None if self.cache_rows is None else int(self.cache_rows[s.row]) for s in samples]
+        chosen = [self.views.choose(s.key, self.epoch, row) for s, row in zip(samples, cache_rows)]
+        caption = np.array([self.captions.choose(s.key, self.epoch) for s in samples], dtype=np.int64)
+        texts = self.captions.texts([s.caption for s in samples], cache_rows, caption)
+        render_for = lambda r: torch.stack([render(s.image, view, r.preprocess)  # noqa: E731
+                                            for s, (_, view) in zip(samples, chosen)])
+        return {
             "step": step,
             "skipped": skipped,
             "rows": torch.from_numpy(local),
             "cache_rows": torch.from_numpy(self.cache_rows[local]) if self.cache_rows is not None else None,
             "view": torch.tensor([v for v, _ in chosen]),  # stored view number, -1 when the cache lacks it
-            "student_images": torch.stack([render(s.image, view, self.student.preprocess)
-                                           for s, (_, view) in zip(samples, chosen)]),
-            "student_tokens": self.student.tokenizer([s.caption for s in samples]),
+            "caption": torch.from_numpy(caption),  # synthetic caption number, -1 for the sample's own
+            "student_images": render_for(self.student),
+            "student_tokens": self.student.tokenizer(texts),
+            # inputs of the live teachers (only those that may serve targets the cache cannot)
+            "teacher_inputs": {name: {"images": render_for(r), "tokens": r.tokenizer(texts)}
+                               for name, r in self.teachers.items()},
         }
-        if self.teacher is not None:
-            out["teacher_images"] = torch.stack([render(s.image, view, self.teacher.preprocess)
-                                                 for s, (_, view) in zip(samples, chosen)])
-            out["teacher_tokens"] = self.teacher.tokenizer([s.caption for s in samples])
-        return out
+
+
+class CaptionPolicy:
+    """Which caption a sample is shown: its own, or with probability `probability` (seeded per sample key and
+    epoch) one of the store's synthetic captions, drawn uniformly. The student, the live teachers and the cached
+    targets (`caption_text_emb`) all use the chosen one. Captions are read chunk by chunk (`ChunkedRows`), never
+    held whole: N x C strings would cost gigabytes at CC12M scale."""
+
+    def __init__(self, probability: float, seed: int, captions: zarr.Array | None = None):
+        if probability and captions is None:
+            raise ValueError("synthetic captions were asked for, but the store has none: run `kd-cache captions`")
+        self.probability, self.seed, self.captions = probability, seed, captions
+        self.num = 0 if captions is None else captions.shape[1]
+        self.reader: ChunkedRows | None = None
+
+    def choose(self, key: str, epoch: int) -> int:
+        if not self.probability:
+            return -1
+        rng = keyed_rng("caption", self.seed, epoch, key)
+        return int(rng.integers(self.num)) if rng.random() < self.probability else -1
+
+    def texts(self, own: list[str], cache_rows: list[int | None], chosen: np.ndarray) -> list[str]:
+        synthetic = np.flatnonzero(chosen >= 0)
+        if not len(synthetic):
+            return own
+        if self.reader is None:  # opened in the DataLoader worker that reads
+            self.reader = ChunkedRows(self.captions, max_chunks=2, what="synthetic captions")
+        rows = np.array([cache_rows[i] for i in synthetic])
+        read = self.reader.take(rows)[np.arange(len(rows)), chosen[synthetic]]
+        texts = list(own)
+        for i, text in zip(synthetic, read):
+            texts[i] = str(text)
+        return texts
 
 
 class ViewPolicy:

@@ -1,5 +1,7 @@
-"""The student: an open_clip model plus the projections P_v, P_t into the teacher's embedding space."""
+"""The student: an open_clip model plus the projections P_v, P_t into each teacher's embedding space."""
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -27,16 +29,24 @@ def loss_dims(student: LoadedCLIP, teacher_config: dict | None) -> Dims:
     )
 
 
-class Student(nn.Module):
-    """open_clip model + P_v, P_t (Linear D_s -> D_t with bias when dims differ, identity otherwise)."""
+class TeacherProjection(nn.Module):
+    """P_v, P_t into one teacher's space: Linear D_s -> D_t with bias when widths differ, identity otherwise."""
 
-    def __init__(self, clip: LoadedCLIP, teacher_embed: int | None):
+    def __init__(self, dim: int, teacher_embed: int | None):
+        super().__init__()
+        needs_proj = teacher_embed is not None and teacher_embed != dim
+        self.image = nn.Linear(dim, teacher_embed) if needs_proj else nn.Identity()
+        self.text = nn.Linear(dim, teacher_embed) if needs_proj else nn.Identity()
+
+
+class Student(nn.Module):
+    """open_clip model + one `TeacherProjection` per teacher (keyed by the teacher's name in the store)."""
+
+    def __init__(self, clip: LoadedCLIP, teacher_embeds: dict[str, int | None]):
         super().__init__()
         self.clip = clip.model
-        dim = clip.embed_dim
-        needs_proj = teacher_embed is not None and teacher_embed != dim
-        self.proj_image = nn.Linear(dim, teacher_embed) if needs_proj else nn.Identity()
-        self.proj_text = nn.Linear(dim, teacher_embed) if needs_proj else nn.Identity()
+        self.projections = nn.ModuleDict({name: TeacherProjection(clip.embed_dim, dim)
+                                          for name, dim in teacher_embeds.items()})
 
     def clamp_logit_scale(self) -> None:
         with torch.no_grad():
@@ -44,17 +54,23 @@ class Student(nn.Module):
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, needs: frozenset[str],
                 mask_ratio: float = 0.75) -> StudentOutputs:
+        """The model's own outputs; `project` adds the projections into a teacher's space (after the gather
+        across ranks: a projection is per sample, so projecting the gathered batch gives the same values)."""
         wanted = frozenset(_FEATURE_OF[n] for n in needs if n in _FEATURE_OF) | {"image_emb", "text_emb"}
         feats = forward_features(self.clip, images, tokens, wanted, mask_ratio)
-        masked = feats.get("masked_image_emb")
         return StudentOutputs(
             image_emb=feats["image_emb"],
             text_emb=feats["text_emb"],
             logit_scale=self.clip.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE),
-            image_emb_proj=self.proj_image(feats["image_emb"]),
-            text_emb_proj=self.proj_text(feats["text_emb"]),
-            masked_image_emb_proj=self.proj_image(masked) if masked is not None else None,
+            masked_image_emb=feats.get("masked_image_emb"),
             image_tokens=feats.get("image_tokens"),
             hidden_states=feats.get("hidden_states"),
             attentions=feats.get("attentions"),
         )
+
+    def project(self, outputs: StudentOutputs, teacher: str) -> StudentOutputs:
+        projection = self.projections[teacher]
+        masked = outputs.masked_image_emb
+        return replace(outputs, image_emb_proj=projection.image(outputs.image_emb),
+                       text_emb_proj=projection.text(outputs.text_emb),
+                       masked_image_emb_proj=projection.image(masked) if masked is not None else None)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from common import dist
-from common.cache import CacheError, CacheStore, ChunkedRows, read_chunked
+from common.cache import MAIN_TEACHER, CacheError, CacheStore, ChunkedRows, read_chunked
 from common.storage import cache_dir
 from common.contrastive import clip_loss_grads
 from common.models import LoadedCLIP
@@ -52,11 +52,14 @@ def node_local_copy(cache: CacheStore, name: str) -> np.ndarray:
 
 
 class TargetProvider:
+    """One teacher's targets (`name`: its name in the store; `cache`: the store seen from that teacher)."""
+
     def __init__(self, mode: str, needs: frozenset[str], optional: frozenset[str], cache: CacheStore | None,
-                 teacher: LoadedCLIP | None, grad_batches: bool, memory_budget: int | None = None):
+                 teacher: LoadedCLIP | None, grad_batches: bool, memory_budget: int | None = None,
+                 name: str = MAIN_TEACHER, captions: bool = False):
         if mode not in MODES:
             raise ValueError(f"--teacher-targets {mode!r}: choose one of {MODES}")
-        self.mode, self.needs, self.teacher, self.cache = mode, needs, teacher, cache
+        self.mode, self.needs, self.teacher, self.cache, self.name = mode, needs, teacher, cache, name
         self.cache_hits = self.live_batches = 0
         self.arrays: dict[str, np.ndarray | ChunkedRows] = {}
         self.chunked = False
@@ -65,6 +68,8 @@ class TargetProvider:
         if cache is not None and mode != "live":
             wanted = (needs | (optional if grad_batches else frozenset())) & {
                 "image_emb", "text_emb", "image_grad", "text_grad"}
+            if captions and "text_emb" in wanted:  # text targets of the synthetic captions shown
+                wanted |= {"caption_text_emb"}
             cache.require(sorted(wanted), why=f"the chosen losses ({', '.join(sorted(needs))})")
             total = sum(cache.nbytes(name) for name in wanted)
             self.chunked = memory_budget is not None and total > memory_budget
@@ -113,24 +118,32 @@ class TargetProvider:
         targets = TeacherTargets(
             image_emb=torch.from_numpy(self.cache.to_float("image_emb", image)) if image is not None else None,
             text_emb=get("text_emb"), logit_scale=self.logit_scale)
+        caption = batch["caption"].numpy()
+        synthetic = np.flatnonzero(caption >= 0)
+        if len(synthetic) and targets.text_emb is not None:
+            stored = self.arrays["caption_text_emb"].take(rows[synthetic], axis=0)[np.arange(len(synthetic)),
+                                                                                    caption[synthetic]]
+            targets.text_emb[synthetic] = torch.from_numpy(self.cache.to_float("caption_text_emb", stored))
         if grads and "image_grad" in self.arrays:
-            if bool((batch["view"] == 0).all()):
+            # stored gradients are those of the clean view and the sample's own caption
+            if bool((batch["view"] == 0).all()) and not len(synthetic):
                 targets.image_grad, targets.text_grad = get("image_grad"), get("text_grad")
-            else:  # stored gradients are the clean view's: recompute them exactly for the views served
+            else:  # recompute them exactly for the views and captions served
                 targets.image_grad, targets.text_grad = clip_loss_grads(targets.image_emb, targets.text_emb,
                                                                         self.logit_scale)
         return targets
 
     def _from_teacher(self, batch: dict) -> TeacherTargets:
         if self.teacher is None:
-            raise CacheError("a batch needs the live teacher but none is loaded")
-        if "teacher_images" not in batch:
-            raise CacheError("a batch needs the live teacher but was not rendered for it")
+            raise CacheError(f"a batch needs live teacher {self.name} but none is loaded")
+        inputs = batch["teacher_inputs"].get(self.name)
+        if inputs is None:
+            raise CacheError(f"a batch needs live teacher {self.name} but was not rendered for it")
         model = self.teacher.model
         device = next(model.parameters()).device
         wanted = frozenset(_LIVE_FEATURE[n] for n in self.needs if n in _LIVE_FEATURE)
         with torch.inference_mode(), self.teacher.autocast():
-            feats = forward_features(model, batch["teacher_images"].to(device), batch["teacher_tokens"].to(device),
+            feats = forward_features(model, inputs["images"].to(device), inputs["tokens"].to(device),
                                      wanted | {"image_emb", "text_emb"})
         norm = lambda x: torch.nn.functional.normalize(x.float(), dim=-1).cpu().clone()  # noqa: E731
         clone = lambda x: None if x is None else [t.float().clone() for t in x]  # noqa: E731

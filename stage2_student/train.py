@@ -22,12 +22,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from common import dist
-from common.cache import CacheError, CacheStore, join_to_cache
+from common.cache import CAPTIONS, MAIN_TEACHER, CacheError, CacheStore, join_to_cache
 from common.corpus import Corpus
 from common.errors import Interrupted, NonFiniteError, as_disk_full
 from common.lock import output_lock
-from common.models import clip_from_provenance, create_clip
-from stage2_student.data import Renderer, TrainBatches, ViewPolicy, shuffled_rows
+from common.models import LoadedCLIP, clip_from_provenance, create_clip, model_config, named_weights
+from stage2_student.data import CaptionPolicy, Renderer, TrainBatches, ViewPolicy, shuffled_rows
 from stage2_student.losses import LossSet
 from stage2_student.student import Student, loss_dims
 from stage2_student.targets import TargetProvider, uncacheable
@@ -35,7 +35,7 @@ from stage2_student.targets import TargetProvider, uncacheable
 log = logging.getLogger("kd-train")
 DEFAULT_LOSSES = "task,fd,icl,crd"  # CLIP-KD: task + FD (2000) + ICL (1) + CRD (1), the paper's weights
 # pooled StudentOutputs / TeacherTargets fields: computed per rank, gathered into the global batch
-_POOLED_STUDENT = ("image_emb", "text_emb", "image_emb_proj", "text_emb_proj", "masked_image_emb_proj")
+_POOLED_STUDENT = ("image_emb", "text_emb", "masked_image_emb")  # projected per teacher after the gather
 _POOLED_TEACHER = ("image_emb", "text_emb", "image_grad", "text_grad")
 RUN_FILES = ("student.pt", "resume.pt", "metrics.jsonl", "options.json", "open_clip_config.json")
 MAX_WARMUP_FRACTION = 0.1  # a longer warm-up would spend the run at a near-zero learning rate
@@ -50,7 +50,9 @@ class TrainOptions:
     losses: str = DEFAULT_LOSSES
     teacher_targets: str = "auto"
     teacher: str | None = None  # only without a cache: live teacher for --teacher-targets live
-    teacher_pretrained: str | None = None
+    teacher_pretrained: str | None = None  # PATH, or NAME=PATH,... for the live teachers whose weights moved
+    teachers: str | None = None  # the store's teachers to learn from: NAME,NAME or 'all' (default: its build's)
+    synthetic_captions: float = 0.0  # probability that a sample shows one of the store's synthetic captions
     batch_size: int = 256  # global
     on_error: str = "raise"  # or "skip": an unreadable sample leaves its batch, counted in metrics.jsonl
     epochs: int = 1
@@ -199,8 +201,10 @@ class Trainer:
         self.corpus = Corpus.open(opts.data, on_error=opts.on_error, known=[self.cache.index()] if self.cache else [])
         self.skipped_samples = 0  # unreadable samples left out of their batches (all ranks)
         self.student_clip = create_clip(opts.student, opts.init, device=self.device)
-        teacher_config = self.cache.attrs["teacher"]["config"] if self.cache else None
-        self.loss_set = LossSet(opts.losses, loss_dims(self.student_clip, teacher_config))
+        self.stores = self.teacher_stores()  # teacher name -> the store seen from that teacher
+        configs = ({name: store.attrs["teacher"]["config"] for name, store in self.stores.items()} if self.cache
+                   else {MAIN_TEACHER: model_config(opts.teacher) if opts.teacher else None})
+        self.loss_set = LossSet(opts.losses, {name: loss_dims(self.student_clip, c) for name, c in configs.items()})
         needs, optional = self.loss_set.teacher_needs, self.loss_set.teacher_optional
         if needs and self.cache is None and not (opts.teacher and opts.teacher_targets == "live"):
             raise CacheError(f"--losses {opts.losses} needs teacher targets ({', '.join(sorted(needs))}): "
@@ -215,28 +219,28 @@ class Trainer:
         if self.cache is not None and self.cache.views and opts.augment:
             boxes, flips = self.cache.load("view_boxes"), self.cache.load("view_flips")
         self.views = ViewPolicy(opts.augment, opts.seed, boxes, flips)
+        self.captions = self.caption_policy()
         live_needed = needs and (opts.teacher_targets == "live" or bool(uncacheable(needs))
                                  or (opts.augment and not self.views.stored_views))
         if opts.teacher_targets == "cache" and live_needed:
             why = (f"losses need {sorted(uncacheable(needs))}, which a cache does not hold" if uncacheable(needs)
                    else "--augment needs stored views, and the cache stores none (build it with --views K)")
             raise CacheError(f"--teacher-targets cache: {why}; use --teacher-targets auto to run the teacher live")
-        self.teacher = None
-        if live_needed:
-            self.teacher = (clip_from_provenance(self.cache.attrs["teacher"], opts.teacher_pretrained, self.device)
-                            if self.cache else create_clip(opts.teacher, opts.teacher_pretrained, self.device))
-            self.teacher.model.eval()
+        self.teachers = self.live_teachers() if live_needed else {}
         budget = (opts.target_memory_gb * 2**30 if opts.target_memory_gb is not None  # per node
                   else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2)
-        self.targets = TargetProvider(opts.teacher_targets, needs, optional, self.cache, self.teacher,
-                                      grad_batches=opts.batching == "cache", memory_budget=int(budget))
-        self.student = Student(self.student_clip, teacher_config["embed_dim"] if teacher_config else
-                               (self.teacher.embed_dim if self.teacher else None)).to(self.device)
+        self.targets = {name: TargetProvider(opts.teacher_targets, needs, optional, self.stores.get(name),
+                                             self.teachers.get(name), grad_batches=opts.batching == "cache",
+                                             memory_budget=int(budget) // len(configs), name=name,
+                                             captions=bool(opts.synthetic_captions))
+                        for name in configs}
+        self.student = Student(self.student_clip, {name: c["embed_dim"] if c else None
+                                                   for name, c in configs.items()}).to(self.device)
         self.loss_set.to(self.device)
         self.student_needs = self.loss_set.student_needs
         # the loss that reads the masked view says how much to mask
-        self.mask_ratio = next((m.mask_ratio for m in self.loss_set.losses.values()
-                                if "masked_image_emb_proj" in m.student_needs), 0.0)
+        self.mask_ratio = next((cls.mask_ratio for cls in self.loss_set.classes.values()
+                                if "masked_image_emb_proj" in cls.student_needs), 0.0)
         self._batches: tuple[int, np.ndarray] | None = None
         self.steps_per_epoch = len(self.epoch_batches(0))
         if self.steps_per_epoch == 0:
@@ -253,6 +257,48 @@ class Trainer:
         self.claim_out()
         log.info("rank %d ready in %.2f s (corpus index, cache join, targets, models; imports not counted)",
                  self.rank, time.perf_counter() - started)
+
+    def teacher_stores(self) -> dict[str, CacheStore]:
+        """--teachers: the store's teachers to learn from (default its build's teacher; 'all': every one)."""
+        spec = self.opts.teachers
+        if self.cache is None:
+            if spec:
+                raise ValueError(f"--teachers {spec} picks teachers of a store: give --cache")
+            return {}
+        names = self.cache.teacher_names() if spec == "all" else [n.strip() for n in (spec or MAIN_TEACHER).split(",")]
+        if not all(names) or len(set(names)) != len(names):
+            raise ValueError(f"--teachers {spec!r}: give distinct teacher names separated by commas, or 'all'")
+        return {name: self.cache if name == MAIN_TEACHER else self.cache.teacher(name) for name in names}
+
+    def caption_policy(self) -> CaptionPolicy:
+        p = self.opts.synthetic_captions
+        if not p:
+            return CaptionPolicy(0.0, self.opts.seed)
+        if self.cache is None or not self.cache.has(CAPTIONS) or not self.cache.group[CAPTIONS].attrs.get("complete"):
+            raise CacheError(f"--synthetic-captions {p}: the cache {self.opts.cache} holds no finished synthetic "
+                             f"captions: make them with `kd-cache captions`")
+        current = self.cache.group[CAPTIONS].attrs["content_hash"]
+        for name, store in self.stores.items():
+            if store.teacher_group.attrs.get("captions") != current:
+                raise CacheError(f"--synthetic-captions: teacher {name} of {self.opts.cache} has not embedded the "
+                                 f"current captions: re-run `kd-cache captions` (it embeds them with every teacher)")
+        return CaptionPolicy(p, self.opts.seed, self.cache.group[f"{CAPTIONS}/text"])
+
+    def live_teachers(self) -> dict[str, LoadedCLIP]:
+        """The live fallback: every teacher the run learns from, each checked against its provenance."""
+        if self.cache is None:
+            teachers = {MAIN_TEACHER: create_clip(self.opts.teacher, self.opts.teacher_pretrained, self.device)}
+        else:
+            weights = named_weights(self.opts.teacher_pretrained, next(iter(self.stores)))
+            unknown = set(weights) - set(self.stores)
+            if unknown:
+                raise ValueError(f"--teacher-pretrained names {sorted(unknown)}, not among --teachers "
+                                 f"({', '.join(self.stores)})")
+            teachers = {name: clip_from_provenance(store.attrs["teacher"], weights.get(name), self.device)
+                        for name, store in self.stores.items()}
+        for teacher in teachers.values():
+            teacher.model.eval()
+        return teachers
 
     def claim_out(self) -> None:
         """Rank 0 locks --out and checks it may write there; every rank learns the verdict (no rank is left
@@ -295,9 +341,9 @@ class Trainer:
         return rows[:n * bs].reshape(n, bs)
 
     def loader(self, epoch: int, start_step: int) -> DataLoader:
-        teacher_renderer = Renderer.of(self.teacher) if self.teacher is not None else None
         dataset = TrainBatches(self.corpus, self.epoch_batches(epoch), self.cache_rows, self.rank, self.world,
-                               Renderer.of(self.student_clip), teacher_renderer, self.views, epoch, self.opts.on_error)
+                               Renderer.of(self.student_clip), {n: Renderer.of(t) for n, t in self.teachers.items()},
+                               self.views, epoch, self.opts.on_error, self.captions)
         # its own generator: creating the iterator must not draw from the global RNG (resume reproducibility)
         return DataLoader(dataset, batch_size=None, sampler=range(start_step, len(dataset)),
                           num_workers=self.opts.workers, pin_memory=self.device.startswith("cuda"),
@@ -307,10 +353,18 @@ class Trainer:
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         device = self.device
         amp = torch.autocast(device.split(":")[0], dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+        teachers = {name: self.teacher_targets(provider, batch) for name, provider in self.targets.items()}
         with amp:
             student = self.student(batch["student_images"].to(device), batch["student_tokens"].to(device),
                                    self.student_needs, self.mask_ratio)
-        teacher = self.targets(batch, is_cached_grad_batch=self.opts.batching == "cache")
+            student = gather_fields(student, _POOLED_STUDENT)
+            students = {name: self.student.project(student, name) for name in teachers}
+        return self.loss_set(students, teachers)
+
+    def teacher_targets(self, provider: TargetProvider, batch: dict):
+        """One teacher's targets for the batch, on this rank's device, pooled ones gathered over ranks."""
+        device = self.device
+        teacher = provider(batch, is_cached_grad_batch=self.opts.batching == "cache")
         for name in ("image_emb", "text_emb", "image_grad", "text_grad", "image_tokens"):
             value = getattr(teacher, name)
             if value is not None:
@@ -319,9 +373,7 @@ class Trainer:
             value = getattr(teacher, name)
             if value is not None:
                 setattr(teacher, name, {k: [t.to(device) for t in v] for k, v in value.items()})
-        student = gather_fields(student, _POOLED_STUDENT)
-        teacher = gather_fields(teacher, _POOLED_TEACHER)
-        return self.loss_set(student, teacher)
+        return gather_fields(teacher, _POOLED_TEACHER)
 
     def train_step(self, batch: dict) -> dict:
         self.student.train()
@@ -380,14 +432,15 @@ class Trainer:
             "student": self.student.state_dict(), "losses": self.loss_set.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(), "options": json.dumps(self.resume_options()),
-            "cache_hits": self.targets.cache_hits, "live_batches": self.targets.live_batches,
+            "target_counts": {name: [p.cache_hits, p.live_batches] for name, p in self.targets.items()},
             "skipped_samples": self.skipped_samples,
         }, self.out / "resume.pt")
 
     def resume_options(self) -> dict:
         """Options that must not change across --resume (they shape the run's numbers)."""
         keep = ("data", "student", "cache", "losses", "teacher_targets", "batch_size", "epochs", "steps", "lr",
-                "wd", "warmup", "augment", "batching", "seed", "shuffle_buffer", "init")
+                "wd", "warmup", "augment", "batching", "seed", "shuffle_buffer", "init", "teachers",
+                "synthetic_captions")
         return {k: getattr(self.opts, k) for k in keep} | {"world": self.world}
 
     def load_resume(self) -> tuple[int, int]:
@@ -405,7 +458,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         # counters continue (resume.pt files written before they were stored restart them)
-        self.targets.cache_hits, self.targets.live_batches = state.get("cache_hits", 0), state.get("live_batches", 0)
+        for name, provider in self.targets.items():
+            provider.cache_hits, provider.live_batches = state.get("target_counts", {}).get(name, (0, 0))
         self.skipped_samples = state.get("skipped_samples", 0)
         self.step = self.saved_step = state["step"]
         return state["epoch"], state["step_in_epoch"]
@@ -442,8 +496,9 @@ class Trainer:
         metrics_path = self.start_files()
         log.info("%d steps (global batch %d, warm-up %d), %d invalid cache rows skipped, cache targets: %.1f MB %s",
                  self.total_steps, self.opts.batch_size, self.warmup, self.skipped_invalid,
-                 self.targets.memory_bytes / 2**20,
-                 "of chunks read on demand (over --target-memory-gb)" if self.targets.chunked else "in memory")
+                 sum(p.memory_bytes for p in self.targets.values()) / 2**20,
+                 "of chunks read on demand (over --target-memory-gb)" if any(p.chunked for p in self.targets.values())
+                 else "in memory")
         last: dict = {}
         window_start, window_samples = time.perf_counter(), 0
         # closed on an error too, so that the error starts on its own line
@@ -462,7 +517,8 @@ class Trainer:
                     bar.update(1)
                     if self.step % self.opts.log_every == 0 or self.step == self.total_steps or self.step == 1:
                         elapsed = time.perf_counter() - window_start
-                        hits, live = self.targets.cache_hits, self.targets.live_batches
+                        hits = sum(p.cache_hits for p in self.targets.values())
+                        live = sum(p.live_batches for p in self.targets.values())
                         last = {"step": self.step, "epoch": epoch, "lr": self.scheduler.get_last_lr()[0], **terms,
                                 "samples_per_s": window_samples / elapsed if elapsed else None,
                                 "cache_hits": hits, "live_batches": live, "skipped_samples": self.skipped_samples,

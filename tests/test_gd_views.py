@@ -40,7 +40,7 @@ def test_augmented_views_get_the_gradients_of_their_own_embeddings(synth_corpus,
     t = trainer(synth_corpus, store_with_views, tmp_path, augment=True)
     batch = t.loader(0, 0).dataset[0]
     assert set(batch["view"].tolist()) <= {1, 2}  # every sample saw a stored augmented view
-    served = t.targets(batch, is_cached_grad_batch=True)
+    served = t.targets["main"](batch, is_cached_grad_batch=True)
     exact = clip_loss_grads(served.image_emb, served.text_emb, served.logit_scale)
     torch.testing.assert_close(served.image_grad, exact[0])
     torch.testing.assert_close(served.text_grad, exact[1])
@@ -53,7 +53,7 @@ def test_clean_view_batches_get_the_stored_gradients(synth_corpus, store_with_vi
     t = trainer(synth_corpus, store_with_views, tmp_path, augment=False)
     batch = t.loader(0, 0).dataset[0]
     assert set(batch["view"].tolist()) == {0}
-    served = t.targets(batch, is_cached_grad_batch=True)
+    served = t.targets["main"](batch, is_cached_grad_batch=True)
     group = zarr.open_group(str(store_with_views), mode="r")
     rows, scale = batch["cache_rows"].numpy(), np.float32(group.attrs["grad_scale"])  # stored as g * grad_scale
     assert torch.equal(served.image_grad, torch.from_numpy(group["image_grad"][...][rows].astype(np.float32) / scale))

@@ -399,7 +399,7 @@ def test_learnable_scales_are_clamped_in_place_after_a_step_and_keep_their_gradi
     """ICL's and AFD's scales: once exp(param) passed 100 the forward clamp zeroed their gradient forever."""
     student, teacher = make_batch()
     losses = LossSet("icl,afd,fd", DIMS)
-    scales = [losses.losses["icl"].scale.param, losses.losses["afd"].scale.param]
+    scales = [losses.losses[name].members["main"].scale.param for name in ("icl", "afd")]
     with torch.no_grad():
         for param in scales:
             param.fill_(6.0)  # exp(6) = 403: what an optimizer step may leave

@@ -58,12 +58,12 @@ def test_cache_and_live_teacher_give_the_same_losses(synth_corpus, cache, tmp_pa
     by_cache = Trainer(options(synth_corpus, tmp_path / "a", cache=str(cache), losses=losses, teacher_targets="cache"))
     live = Trainer(options(synth_corpus, tmp_path / "b", cache=str(cache), losses=losses, teacher_targets="live"))
     batch = by_cache.loader(0, 0).dataset[0]
-    assert "teacher_images" not in batch  # nothing is rendered for the teacher when the cache serves all
+    assert batch["teacher_inputs"] == {}  # nothing is rendered for the teacher when the cache serves all
     live_batch = live.loader(0, 0).dataset[0]
     assert torch.equal(batch["rows"], live_batch["rows"])
     _, cached_terms = by_cache.compute_loss(batch)
     _, live_terms = live.compute_loss(live_batch)
-    assert by_cache.targets.cache_hits == 1 and live.targets.live_batches == 1
+    assert by_cache.targets["main"].cache_hits == 1 and live.targets["main"].live_batches == 1
     for name in losses.split(","):
         assert cached_terms[name] == pytest.approx(live_terms[name], rel=2e-3, abs=1e-4), name
 
@@ -93,10 +93,10 @@ def test_augment_with_stored_views_is_served_from_cache(synth_corpus, cache_view
     live = Trainer(options(synth_corpus, tmp_path / "live", cache=str(cache_views), losses="fd", augment=True,
                            teacher_targets="live"))
     live_batch = live.loader(0, 0).dataset[0]
-    cached = trainer.targets(batch, False).image_emb
-    fresh = live.targets(live_batch, False).image_emb
+    cached = trainer.targets["main"](batch, False).image_emb
+    fresh = live.targets["main"](live_batch, False).image_emb
     assert torch.nn.functional.cosine_similarity(cached, fresh).min() > 0.999
-    hits_before = trainer.targets.cache_hits
+    hits_before = trainer.targets["main"].cache_hits
     assert trainer.run()["cache_hits"] - hits_before == 2
 
 
@@ -112,12 +112,13 @@ def test_gd_cached_gradients_equal_recomputed(synth_corpus, cache, tmp_path):
     batch = trainer.loader(0, 0).dataset[0]
     group = zarr.open_group(str(cache), mode="r")
     assert sorted(batch["cache_rows"].tolist()) in [sorted(b.tolist()) for b in group["grad_batches"][...]]
-    with_cached = trainer.targets(batch, is_cached_grad_batch=True)
+    with_cached = trainer.targets["main"](batch, is_cached_grad_batch=True)
     assert with_cached.image_grad is not None
-    recomputed = trainer.targets(batch, is_cached_grad_batch=False)
+    recomputed = trainer.targets["main"](batch, is_cached_grad_batch=False)
     assert recomputed.image_grad is None
-    student = trainer.student(batch["student_images"], batch["student_tokens"], trainer.student_needs)
-    gd = trainer.loss_set.losses["gd"]
+    student = trainer.student.project(trainer.student(batch["student_images"], batch["student_tokens"],
+                                                      trainer.student_needs), "main")
+    gd = trainer.loss_set.losses["gd"].members["main"]
     # stored gradients are g * grad_batch / s_t in fp16: each entry within 2^-11 of the exact one
     assert gd(student, with_cached).item() == pytest.approx(gd(student, recomputed).item(), rel=1e-3)
 
@@ -131,7 +132,8 @@ def test_mfd_student_sees_only_the_kept_patches(synth_corpus, cache, tmp_path):
 
     def masked(x, seed):
         torch.manual_seed(seed)
-        return student(x, tokens, frozenset({"masked_image_emb_proj"}), 0.75).masked_image_emb_proj
+        return student.project(student(x, tokens, frozenset({"masked_image_emb_proj"}), 0.75),
+                               "main").masked_image_emb_proj
 
     torch.manual_seed(3)
     keep = torch.randn(2, n_patches).topk(max(1, int(n_patches * 0.25)), dim=-1).indices  # PatchDropout's draw
@@ -144,7 +146,7 @@ def test_mfd_student_sees_only_the_kept_patches(synth_corpus, cache, tmp_path):
     base = masked(images, 3)
     assert torch.allclose(masked(changed_dropped, 3)[0], base[0], atol=1e-6)  # masked-out pixels are not seen
     assert not torch.allclose(masked(changed_kept, 3)[0], base[0], atol=1e-4)  # kept pixels are
-    full = student(images, tokens, frozenset({"image_emb_proj"})).image_emb_proj
+    full = student.project(student(images, tokens, frozenset({"image_emb_proj"})), "main").image_emb_proj
     assert not torch.allclose(full, base, atol=1e-4)  # and it is not the full-image forward
 
 
@@ -248,15 +250,15 @@ def test_targets_over_the_memory_budget_are_read_chunk_aware(synth_corpus, cache
                                 augment=True, batching="cache"))
     chunked = Trainer(options(synth_corpus, tmp_path / "c", cache=str(cache_views), losses="fd,gd",
                               augment=True, batching="cache", target_memory_gb=1e-6))
-    assert not in_memory.targets.chunked and chunked.targets.chunked
+    assert not in_memory.targets["main"].chunked and chunked.targets["main"].chunked
     requested = 0
     for step in range(3):
         batch = in_memory.loader(0, 0).dataset[step]
         assert set(batch["view"].tolist()) <= {1, 2}  # stored views: the (N, 1+K, D) path
-        a, b = in_memory.targets(batch, True), chunked.targets(batch, True)
+        a, b = in_memory.targets["main"](batch, True), chunked.targets["main"](batch, True)
         for name in ("image_emb", "text_emb", "image_grad", "text_grad"):
             assert torch.equal(getattr(a, name), getattr(b, name)), name
         requested += len(batch["cache_rows"])
-    reads = chunked.targets.arrays["image_emb"].chunk_reads
+    reads = chunked.targets["main"].arrays["image_emb"].chunk_reads
     assert 0 < reads < requested  # whole chunks, not rows (192 rows = 3 chunks of 64)
     assert chunked.run()["cache_hits"] >= 2

@@ -4,6 +4,13 @@ A loss is a small `torch.nn.Module` registered by name. It declares which studen
 targets it reads (`student_needs`, `teacher_needs`: field names of `StudentOutputs` / `TeacherTargets`), so the
 loop computes only what the chosen losses read, and the target provider knows whether the cache can serve them.
 The loop never looks at loss names.
+
+Several teachers (an ensemble from one store): each loss class says what it does with them (`ensemble`):
+- "per_teacher" (default): one instance per teacher, with its own learnable parts, on the student projected into
+  that teacher's space (`Student.project`); the terms are averaged, L = (1/K) sum_k L(student_k, teacher_k).
+  Teachers' spaces differ in width and basis, so their embeddings cannot be averaged into one target.
+- "joint": one instance reads all teachers' targets (`forward_teachers`), e.g. CRD's mean similarity distribution.
+Losses that read no teacher target run once.
 """
 from __future__ import annotations
 
@@ -41,8 +48,9 @@ class StudentOutputs:
     image_emb: torch.Tensor  # (B, D_s) raw image embeddings, before L2 norm
     text_emb: torch.Tensor  # (B, D_s) raw text embeddings
     logit_scale: torch.Tensor  # scalar s = exp(logit_scale), clamped to <= 100
-    image_emb_proj: torch.Tensor  # (B, D_t) P_v I_s, not normalised (identity map when D_s == D_t)
-    text_emb_proj: torch.Tensor  # (B, D_t) P_t T_s
+    image_emb_proj: torch.Tensor | None = None  # (B, D_t) P_v I_s, not normalised (identity map when D_s == D_t)
+    text_emb_proj: torch.Tensor | None = None  # (B, D_t) P_t T_s
+    masked_image_emb: torch.Tensor | None = None  # (B, D_s) raw image embedding of the MAE-masked view
     masked_image_emb_proj: torch.Tensor | None = None  # (B, D_t) P_v I_s of the MAE-masked view (MFD)
     image_tokens: torch.Tensor | None = None  # (B, N_s, W_s) all tokens, CLS first, after the final LayerNorm
     hidden_states: dict[str, list[torch.Tensor]] | None = None  # {'image'|'text': per layer (B, N, W)}
@@ -70,6 +78,7 @@ class DistillLoss(nn.Module):
     teacher_needs: ClassVar[frozenset[str]] = frozenset()
     # teacher fields that the loss uses when present but can do without (GD recomputes grads from embeddings)
     teacher_optional: ClassVar[frozenset[str]] = frozenset()
+    ensemble: ClassVar[str] = "per_teacher"  # or "joint": see the module docstring
 
     def __init__(self, dims: Dims):
         super().__init__()
@@ -77,6 +86,10 @@ class DistillLoss(nn.Module):
 
     def forward(self, student: StudentOutputs, teacher: TeacherTargets) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def forward_teachers(self, student: StudentOutputs, teachers: list[TeacherTargets]) -> torch.Tensor:
+        """A "joint" loss's value against several teachers (with one teacher it equals `forward`)."""
+        raise NotImplementedError(f"loss {self.name!r} has no joint form")  # pragma: no cover
 
     def after_step(self) -> None:
         """Called by the loop after each optimizer step: every learnable scale (`LogitScale`) is clamped in place."""
@@ -123,26 +136,46 @@ def parse_loss_spec(spec: str) -> list[tuple[str, float | None]]:
     return items
 
 
-class LossSet(nn.Module):
-    """The chosen losses with their weights; its parameters (projections, fusion encoders...) train with the student."""
+class PerTeacher(nn.Module):
+    """One instance of a loss per teacher (own projections' targets and learnable parts); the mean of their terms."""
 
-    def __init__(self, spec: str, dims: Dims):
+    def __init__(self, cls: type[DistillLoss], dims: dict[str, Dims]):
+        super().__init__()
+        self.members = nn.ModuleDict({name: cls(d) for name, d in dims.items()})
+
+    def forward(self, students: dict[str, StudentOutputs], teachers: dict[str, TeacherTargets]) -> dict:
+        return {name: loss(students[name], teachers[name]) for name, loss in self.members.items()}
+
+
+class LossSet(nn.Module):
+    """The chosen losses with their weights; its parameters (projections, fusion encoders...) train with the student.
+
+    `dims` is one `Dims` (one teacher) or {teacher name: Dims} (an ensemble); the forward takes the student's
+    outputs and the teachers' targets likewise (one each, or dicts keyed by teacher name)."""
+
+    def __init__(self, spec: str, dims: Dims | dict[str, Dims]):
         super().__init__()
         parsed = parse_loss_spec(spec)
-        self.losses = nn.ModuleDict({name: LOSSES[name](dims) for name, _ in parsed})
+        dims = dims if isinstance(dims, dict) else {SINGLE: dims}
+        self.teacher_names = list(dims)
+        self.classes = {name: LOSSES[name] for name, _ in parsed}
+        first = dims[self.teacher_names[0]]
+        self.losses = nn.ModuleDict({
+            name: PerTeacher(cls, dims) if cls.teacher_needs and cls.ensemble == "per_teacher" else cls(first)
+            for name, cls in self.classes.items()})
         self.weights = {name: (LOSSES[name].default_weight if w is None else w) for name, w in parsed}
 
     @property
     def student_needs(self) -> frozenset[str]:
-        return frozenset().union(*(loss.student_needs for loss in self.losses.values()))
+        return frozenset().union(*(cls.student_needs for cls in self.classes.values()))
 
     @property
     def teacher_needs(self) -> frozenset[str]:
-        return frozenset().union(*(loss.teacher_needs for loss in self.losses.values()))
+        return frozenset().union(*(cls.teacher_needs for cls in self.classes.values()))
 
     @property
     def teacher_optional(self) -> frozenset[str]:
-        return frozenset().union(*(loss.teacher_optional for loss in self.losses.values()))
+        return frozenset().union(*(cls.teacher_optional for cls in self.classes.values()))
 
     @property
     def needs_teacher(self) -> bool:
@@ -150,19 +183,35 @@ class LossSet(nn.Module):
 
     def after_step(self) -> None:
         """Call after every `optimizer.step()`: each loss keeps its learnable parts in range (`DistillLoss.after_step`)."""
-        for loss in self.losses.values():
-            loss.after_step()
+        for module in self.modules():
+            if isinstance(module, DistillLoss):
+                module.after_step()
 
-    def forward(self, student: StudentOutputs, teacher: TeacherTargets) -> tuple[torch.Tensor, dict[str, float]]:
-        """Weighted sum, and each unweighted term for the log.
+    def forward(self, student: StudentOutputs | dict[str, StudentOutputs],
+                teacher: TeacherTargets | dict[str, TeacherTargets]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Weighted sum, and each unweighted term for the log (with several teachers also `name@teacher`).
 
         Runs with autocast off: the losses cast their inputs to float32, and under bf16 autocast their matmuls
         (logits, Gram matrices, projections) would otherwise still run in bf16.
         """
+        students = student if isinstance(student, dict) else {SINGLE: student}
+        teachers = teacher if isinstance(teacher, dict) else {SINGLE: teacher}
+        names = self.teacher_names
         total, terms = 0.0, {}
-        with torch.autocast(student.image_emb.device.type, enabled=False):
+        with torch.autocast(students[names[0]].image_emb.device.type, enabled=False):
             for name, loss in self.losses.items():
-                value = loss(student, teacher)
+                if isinstance(loss, PerTeacher):
+                    parts = loss(students, teachers)
+                    value = torch.stack(list(parts.values())).mean()
+                    if len(parts) > 1:
+                        terms |= {f"{name}@{t}": float(v.detach()) for t, v in parts.items()}
+                elif self.classes[name].teacher_needs:
+                    value = loss.forward_teachers(students[names[0]], [teachers[t] for t in names])
+                else:
+                    value = loss(students[names[0]], TeacherTargets())
                 terms[name] = float(value.detach())
                 total = total + self.weights[name] * value
         return total, terms
+
+
+SINGLE = "main"  # the teacher's name when a LossSet is given one teacher (the store's build teacher)

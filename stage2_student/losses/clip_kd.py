@@ -6,6 +6,7 @@ autocast off, so the matmuls stay in float32 too.
 """
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -39,19 +40,29 @@ class CRD(DistillLoss):
     L = 0.5 [KL(softmax(Z_t) ‖ softmax(Z_s)) + KL(softmax(Z_tᵀ) ‖ softmax(Z_sᵀ))], row-wise, batchmean, T = 1,
     Z_t = s_t I_t T_tᵀ, Z_s = s norm(I_s) norm(T_s)ᵀ on the *unprojected* student embeddings (a B x B matrix
     whatever D_s). Weight 1 (paper / official `--alpha_ckd_loss 1`).
+
+    Several teachers ("joint"): softmax(Z_t) is replaced by the ensemble's mean distribution (1/K) sum_k
+    softmax(Z_t^k), each teacher at its own scale s_t^k. Similarity distributions over the same batch are
+    comparable across teachers of any width, unlike their embeddings. Its gradient equals that of DataCompDR's
+    mean of per-teacher KLs (the two differ by a constant, the teachers' entropies' Jensen gap).
     """
     name = "crd"
     default_weight = 1.0
     teacher_needs = _TEACHER_EMB_SCALE
+    ensemble = "joint"
 
     def forward(self, student: StudentOutputs, teacher: TeacherTargets) -> torch.Tensor:
+        return self.forward_teachers(student, [teacher])
+
+    def forward_teachers(self, student: StudentOutputs, teachers: list[TeacherTargets]) -> torch.Tensor:
         z_s = student.logit_scale.float() * normalise(student.image_emb) @ normalise(student.text_emb).t()
-        z_t = teacher.logit_scale * teacher.image_emb.float() @ teacher.text_emb.float().t()
+        z_t = [t.logit_scale * t.image_emb.float() @ t.text_emb.float().t() for t in teachers]
 
-        def kl(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return F.kl_div(s.log_softmax(1), t.log_softmax(1), reduction="batchmean", log_target=True)
+        def kl(s: torch.Tensor, t: list[torch.Tensor]) -> torch.Tensor:
+            log_mean = torch.stack([z.log_softmax(1) for z in t]).logsumexp(0) - math.log(len(t))
+            return F.kl_div(s.log_softmax(1), log_mean, reduction="batchmean", log_target=True)
 
-        return 0.5 * (kl(z_s, z_t) + kl(z_s.t(), z_t.t()))
+        return 0.5 * (kl(z_s, z_t) + kl(z_s.t(), [z.t() for z in z_t]))
 
 
 @register_loss
@@ -59,6 +70,9 @@ class FD(DistillLoss):
     """Feature distillation: MSE(norm(P_v I_s), I_t) + MSE(norm(P_t T_s), T_t), each the mean over B x D_t.
 
     Weight 2000 (paper / official `--alpha_fd_loss 2000`).
+
+    Several teachers (per teacher, averaged): each through the student's own projection into that teacher's
+    space, since teachers' embeddings differ in width and basis and have no meaningful average.
     """
     name = "fd"
     default_weight = 2000.0
@@ -79,7 +93,7 @@ class MFD(FD):
     L = MSE(norm(P_v I_s^masked), I_t) + MSE(norm(P_t T_s), T_t), I_t = teacher embedding of the *unmasked* view.
     The loop builds `masked_image_emb_proj` by keeping a random (1 - `mask_ratio`) of the patch tokens (plus CLS)
     per sample; the public code computed the masked forward and then used the full image, so this loss never
-    reads `image_emb_proj`. Weight 2000, mask ratio 0.75 (paper / official).
+    reads `image_emb_proj`. Weight 2000, mask ratio 0.75 (paper / official). Several teachers: as FD.
     """
     name = "mfd"
     default_weight = 2000.0
@@ -111,6 +125,9 @@ class GD(DistillLoss):
     ~2 * 14^2 / (B^2 D) ~ 1e-5 and the teacher (c = 100, r ~ 0.15-0.55: the rows it still gets wrong) dominates:
     on synthetic teacher batches (B = 256, D = 512) whose own CLIP loss is 0.3-1.9, L_GD = 6e-5 to 3e-4, i.e.
     1.8-9 after weighting. The raw value scales as 1/(B^2 D): use w ~ 3e4 (B/256)^2 (D/512) for other setups.
+
+    Several teachers (per teacher, averaged): a teacher's gradients live in its own embedding space, so each is
+    matched by the student's projection into that space.
     """
     name = "gd"
     default_weight = 3e4
@@ -139,7 +156,7 @@ class GD4(DistillLoss):
     student (norm(P_v I_s), norm(P_t T_s), s) and of the teacher (I_t, T_t, s_t): the sum of the 4 MSEs.
     Teacher grads are always recomputed from the cached embeddings (the cache stores only the symmetric sums).
     Default weight 1.2e4: four unhalved one-directional gradients make the raw value 2.3-2.5x GD's in the setup
-    GD is calibrated on, so GD's 3e4 / 2.5 (same (B/256)^2 (D/512) scaling).
+    GD is calibrated on, so GD's 3e4 / 2.5 (same (B/256)^2 (D/512) scaling). Several teachers: as GD.
     """
     name = "gd4"
     default_weight = 1.2e4
@@ -161,6 +178,9 @@ class ICL(DistillLoss):
     L = 0.5 [CE(c_x norm(P_v I_s) T_tᵀ, y) + CE(c_x norm(P_t T_s) I_tᵀ, y)], c_x = min(exp(param), 100), param
     learnable, init log(1/0.07) (the public code used the raw param, i.e. temperature ~0.38). Weight 1 (paper /
     official `--alpha_icl_loss 1`).
+
+    Several teachers (per teacher, averaged): the student's anchors in each teacher's space against that teacher's
+    keys, each pair with its own learnable scale (the teachers' similarity sharpness differs).
     """
     name = "icl"
     default_weight = 1.0
@@ -185,6 +205,8 @@ class AFD(DistillLoss):
     F_img = norm(W_img [norm(P_v I_s) ‖ I_t]), F_txt = norm(W_txt [norm(P_t T_s) ‖ T_t]), W = Linear(2 D_t -> D_t);
     L = clip_loss(F_img, F_txt, c), c = min(exp(param), 100), param init log(1/0.07). Both halves are D_t wide
     (the public code sized W as D_s + D_t -> D_s, wrong when D_s != D_t). Weight 1 (paper).
+
+    Several teachers (per teacher, averaged): one fusion layer per teacher, sized for its width D_t.
     """
     name = "afd"
     default_weight = 1.0

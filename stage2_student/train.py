@@ -29,7 +29,7 @@ from common.lock import output_lock
 from common.models import clip_from_provenance, create_clip
 from stage2_student.data import Renderer, TrainBatches, ViewPolicy, shuffled_rows
 from stage2_student.losses import LossSet
-from stage2_student.student import Student, loss_dims
+from stage2_student.student import Student, check_student_fits_losses, loss_dims
 from stage2_student.targets import TargetProvider, uncacheable
 
 log = logging.getLogger("kd-train")
@@ -201,6 +201,7 @@ class Trainer:
         self.student_clip = create_clip(opts.student, opts.init, device=self.device)
         teacher_config = self.cache.attrs["teacher"]["config"] if self.cache else None
         self.loss_set = LossSet(opts.losses, loss_dims(self.student_clip, teacher_config))
+        check_student_fits_losses(self.student_clip, self.loss_set)
         needs, optional = self.loss_set.teacher_needs, self.loss_set.teacher_optional
         if needs and self.cache is None and not (opts.teacher and opts.teacher_targets == "live"):
             raise CacheError(f"--losses {opts.losses} needs teacher targets ({', '.join(sorted(needs))}): "

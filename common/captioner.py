@@ -18,7 +18,7 @@ from common.models import LoadedCLIP
 
 TOP_P = 0.9  # the nucleus: the smallest set of tokens holding 90% of the probability mass
 TEMPERATURE = 1.0  # the decoder's own distribution, neither sharpened nor flattened
-MIN_TOKENS = 4  # words before the end-of-text marker may be drawn (open_clip's min_seq_len 5 counts the start)
+MIN_TOKENS = 4  # tokens drawn before the end-of-text marker may be (open_clip's min_seq_len 5 counts the start)
 
 
 def is_captioner(model: torch.nn.Module) -> bool:

@@ -6,15 +6,17 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from common.captioner import is_captioner
 from common.models import LoadedCLIP
 from stage2_student.features import forward_features
-from stage2_student.losses import Dims, StudentOutputs
+from stage2_student.losses import Dims, LossSet, StudentOutputs
 
 MAX_LOGIT_SCALE = 100.0
 # StudentOutputs fields that come from the model's own forward (the rest are projections of them)
 _FEATURE_OF = {"image_emb": "image_emb", "text_emb": "text_emb", "image_emb_proj": "image_emb",
                "text_emb_proj": "text_emb", "masked_image_emb_proj": "masked_image_emb",
-               "image_tokens": "image_tokens", "hidden_states": "hidden_states", "attentions": "attentions"}
+               "image_tokens": "image_tokens", "hidden_states": "hidden_states", "attentions": "attentions",
+               "caption_logits": "caption_logits", "caption_labels": "caption_logits"}
 
 
 def loss_dims(student: LoadedCLIP, teacher_config: dict | None) -> Dims:
@@ -27,6 +29,15 @@ def loss_dims(student: LoadedCLIP, teacher_config: dict | None) -> Dims:
         student_vision_layers=s["vision_cfg"]["layers"], teacher_vision_layers=t["vision_cfg"]["layers"],
         student_text_layers=s["text_cfg"]["layers"], teacher_text_layers=t["text_cfg"]["layers"],
     )
+
+
+def check_student_fits_losses(student: LoadedCLIP, losses: LossSet) -> None:
+    """Refuse, before any training work, losses that read captions from a student that writes none."""
+    for name, cls in losses.classes.items():
+        if cls.student_needs & {"caption_logits", "caption_labels"} and not is_captioner(student.model):
+            raise ValueError(f"--losses {name}: --student {student.name} is a {type(student.model).__name__}, which "
+                             f"writes no captions; give a CoCa student (a config with multimodal_cfg, e.g. "
+                             f"kd-demo-coca) or drop {name!r} from --losses")
 
 
 class TeacherProjection(nn.Module):
@@ -66,6 +77,8 @@ class Student(nn.Module):
             image_tokens=feats.get("image_tokens"),
             hidden_states=feats.get("hidden_states"),
             attentions=feats.get("attentions"),
+            caption_logits=feats.get("caption_logits"),
+            caption_labels=feats.get("caption_labels"),
         )
 
     def project(self, outputs: StudentOutputs, teacher: str) -> StudentOutputs:

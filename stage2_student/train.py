@@ -29,7 +29,7 @@ from common.lock import output_lock
 from common.models import LoadedCLIP, clip_from_provenance, create_clip, model_config, named_weights
 from stage2_student.data import CaptionPolicy, Renderer, TrainBatches, ViewPolicy, shuffled_rows
 from stage2_student.losses import LossSet
-from stage2_student.student import Student, loss_dims
+from stage2_student.student import Student, check_student_fits_losses, loss_dims
 from stage2_student.targets import TargetProvider, uncacheable
 
 log = logging.getLogger("kd-train")
@@ -205,6 +205,7 @@ class Trainer:
         configs = ({name: store.attrs["teacher"]["config"] for name, store in self.stores.items()} if self.cache
                    else {MAIN_TEACHER: model_config(opts.teacher) if opts.teacher else None})
         self.loss_set = LossSet(opts.losses, {name: loss_dims(self.student_clip, c) for name, c in configs.items()})
+        check_student_fits_losses(self.student_clip, self.loss_set)
         needs, optional = self.loss_set.teacher_needs, self.loss_set.teacher_optional
         if needs and self.cache is None and not (opts.teacher and opts.teacher_targets == "live"):
             raise CacheError(f"--losses {opts.losses} needs teacher targets ({', '.join(sorted(needs))}): "

@@ -1,5 +1,5 @@
 """Distillation losses, one registered module each; importing this package fills `LOSSES`."""
-from . import cka, clip_kd, dlip, tokenfd  # noqa: F401  (register the losses)
+from . import caption, cka, clip_kd, dlip, tokenfd  # noqa: F401  (register the losses)
 from .base import (CACHEABLE_TARGETS, LOSSES, Dims, DistillLoss, LossSet, LossSpecError, StudentOutputs,
                    TeacherTargets, parse_loss_spec, register_loss)
 

@@ -55,6 +55,10 @@ class StudentOutputs:
     image_tokens: torch.Tensor | None = None  # (B, N_s, W_s) all tokens, CLS first, after the final LayerNorm
     hidden_states: dict[str, list[torch.Tensor]] | None = None  # {'image'|'text': per layer (B, N, W)}
     attentions: dict[str, list[torch.Tensor]] | None = None  # {'image'|'text': per layer (B, H, N, N)}
+    # a CoCa's teacher-forced next-token logits and targets on this rank's batch (not gathered: the loss is
+    # per token); L = the batch's longest caption, labels -100 at padding
+    caption_logits: torch.Tensor | None = None  # (B, L-1, V)
+    caption_labels: torch.Tensor | None = None  # (B, L-1) token ids
 
 
 @dataclass

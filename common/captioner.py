@@ -64,6 +64,11 @@ def caption_images(captioner: LoadedCLIP, images: torch.Tensor, num: int, seed: 
             while not done.all() and out.shape[1] < seq_len:
                 logits = model(repeated, out, image_latent=image_latent, image_embs=image_embs,
                                output_labels=False)["logits"][:, -1]
+                if not torch.isfinite(logits).all():
+                    rows = torch.nonzero(~torch.isfinite(logits).all(-1)).flatten()[:4].tolist()
+                    raise ValueError(f"{captioner.name}: non-finite next-token logits at token {out.shape[1]} for "
+                                     f"caption rows {rows} (images {[r // num for r in rows]}): check the "
+                                     f"captioner's weights and the images' preprocessing")
                 logits[:, pad] = -torch.inf  # the padding id ends nothing: training never asks for it
                 if out.shape[1] <= MIN_TOKENS:
                     logits[:, eot] = -torch.inf

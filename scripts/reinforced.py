@@ -25,11 +25,13 @@ from pipeline import cli, run_step  # noqa: E402
 TEACHER_B, CAPTIONER = "kd-demo-teacher2", "kd-demo-coca"
 CAPTIONS_PER_IMAGE = 5
 SYNTHETIC_SHARE = 0.5  # probability that a sample shows a synthetic caption
-ROWS = [
+TEACHER_ROWS = [
     ("baseline (no teacher)", "task", ()),
     ("teacher main alone", KD_LOSSES, ("--teachers", "main")),
     ("teacher b alone", KD_LOSSES, ("--teachers", "b")),
     ("ensemble main+b", KD_LOSSES, ("--teachers", "main,b")),
+]
+CAPTION_ROWS = [  # trained once the captions are in the store
     ("main + synthetic captions", KD_LOSSES, ("--teachers", "main", "--synthetic-captions", SYNTHETIC_SHARE)),
     ("ensemble + synthetic captions", KD_LOSSES, ("--teachers", "main,b", "--synthetic-captions", SYNTHETIC_SHARE)),
 ]
@@ -81,11 +83,6 @@ def main(argv=None) -> None:
             "--epochs", s["teacher_epochs"], "--seed", 1, *COMMON_TRAIN, *device], out / "teacher_b")
         teacher_b = out / "teacher_b" / "student.pt"
     captioner = args.captioner
-    if captioner is None:  # CoCa's contrastive + captioning losses, trained with kd-train's `caption` loss
-        run_step("captioner", cli("kd-train") + [
-            "--data", corpus / "train", "--student", CAPTIONER, "--losses", "task,caption",
-            "--out", out / "captioner", "--steps", 150, *COMMON_TRAIN, *device], out / "captioner")
-        captioner = out / "captioner" / "student.pt"
     data = student_data(corpus, s)
     store = out / "reinforced.zarr"
     seconds["build, teacher main"] = run_step("store: teacher main", cli("kd-cache") + [
@@ -94,13 +91,22 @@ def main(argv=None) -> None:
     seconds["add-teacher b"] = run_step("store: add teacher b", cli("kd-cache") + [
         "add-teacher", store, "--name", "b", "--teacher", TEACHER_B, "--pretrained", teacher_b, "--data", data,
         "--workers", 1, *device], out / "teacher_b_added", inputs=(store,))
+    results, runs = train_rows(TEACHER_ROWS, args, data, s["student_epochs"], store)
+    if args.rows and not any(name in args.rows for name, _, _ in CAPTION_ROWS):
+        return  # only teacher rows asked for: no captioner, no captions
+    if captioner is None:  # CoCa's contrastive + captioning losses, trained with kd-train's `caption` loss
+        run_step("captioner", cli("kd-train") + [
+            "--data", corpus / "train", "--student", CAPTIONER, "--losses", "task,caption",
+            "--out", out / "captioner", "--steps", 450, "--batch-size", 64, "--lr", "1e-3", "--warmup", 30,
+            "--workers", 1, "--log-every", 20, *device], out / "captioner")
+        captioner = out / "captioner" / "student.pt"
     seconds["captions (generate + embed by 2 teachers)"] = run_step("store: synthetic captions", cli("kd-cache") + [
         "captions", store, "--data", data, "--captioner", CAPTIONER, "--pretrained", captioner,
         "--num", CAPTIONS_PER_IMAGE, *device], out / "captions_added", inputs=(out / "teacher_b_added",))
     costs = store_costs(store, seconds)
     (out / "store_costs.json").write_text(json.dumps(costs, indent=2))
-
-    results, runs = train_rows(ROWS, args, data, s["student_epochs"], store)
+    more, more_runs = train_rows(CAPTION_ROWS, args, data, s["student_epochs"], store)
+    results, runs = results + more, runs | more_runs
     metrics = evaluate(runs, teacher_main, corpus, out, args.device,
                        other_models=(f"teacher_b={TEACHER_B}:{teacher_b}",))
     attach_metrics(results, metrics)

@@ -50,7 +50,7 @@ def test_captioning_refuses_a_model_that_is_not_a_coca(images):
 def test_caption_loss_is_the_cross_entropy_of_the_cocas_own_forward(coca, images):
     texts = ["a red square", "a small pink triangle to the left of a medium striped white diamond", "a star"]
     tokens = coca.tokenizer(texts)
-    student = Student(coca, None)
+    student = Student(coca, {})
     losses = LossSet("task,caption", loss_dims(coca, None))
     outputs = student(images, tokens, losses.student_needs)
     _, terms = losses(outputs, TeacherTargets())

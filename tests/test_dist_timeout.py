@@ -29,7 +29,7 @@ def test_a_slow_rank0_phase_is_waited_for_up_to_the_set_timeout(synth_corpus, tm
 
     def build(out: str, timeout_s: int):
         return subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script), "build", "--teacher",
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "build", "--teacher",
              TEACHER, "--pretrained", str(ckpt), "--data", str(synth_corpus / "val"), "--out", str(tmp_path / out),
              "--batch-size", "16", "--grad-batch", "8", "--chunk-rows", "16", "--window-blocks", "1", "--workers", "0"],
             cwd=REPO, capture_output=True, text=True,

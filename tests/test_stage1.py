@@ -139,7 +139,7 @@ def test_kill_and_resume_is_bit_identical(synth_corpus, teacher_ckpt, tmp_path):
 def test_two_processes_equal_single_process(synth_corpus, teacher_ckpt, store, tmp_path):
     out = tmp_path / "ranks.zarr"
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "stage1_teacher.cli", "build",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "stage1_teacher.cli", "build",
          "--teacher", TEACHER, "--pretrained", str(teacher_ckpt), "--data", str(synth_corpus / "train"),
          "--out", str(out), "--views", "2", "--batch-size", "16", "--grad-batch", "32", "--chunk-rows", "32",
          "--window-blocks", "2", "--workers", "1"], cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -206,7 +206,7 @@ def test_two_ranks_step0_losses_equal_single_process(synth_corpus, cache, tmp_pa
             "--losses", "task,fd,icl,crd,gd,afd", "--batch-size", "32", "--steps", "1", "--log-every", "1",
             "--workers", "0", "--warmup", "1"]
     cli("stage2_student.cli", "--out", tmp_path / "one", *args)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m",
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                              "stage2_student.cli", "--out", str(tmp_path / "two"), *args], cwd=REPO,
                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]

@@ -55,7 +55,7 @@ def test_two_ranks_with_a_skipped_sample_give_the_single_process_losses(tmp_path
     args = ["--data", data, "--student", STUDENT, "--losses", "task", "--batch-size", "16", "--epochs", "1",
             "--workers", "0", "--log-every", "1", "--on-error", "skip", "--warmup", "1"]
     cli("stage2_student.cli", "--out", tmp_path / "one", *args)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m",
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                              "stage2_student.cli", "--out", str(tmp_path / "two"), *map(str, args)], cwd=REPO,
                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]

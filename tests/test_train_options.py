@@ -172,7 +172,7 @@ def test_student_loads_with_plain_open_clip_from_its_config(synth_corpus, tmp_pa
 
 def test_two_ranks_refuse_an_indivisible_batch_and_gather_without_deprecated_api(synth_corpus, tmp_path):
     def torchrun(out, batch_size):
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m",
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                                "stage2_student.cli", "--out", str(out),
                                *tiny_run(synth_corpus, "--batch-size", batch_size, "--steps", 1)],
                               cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})

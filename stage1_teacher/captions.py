@@ -40,6 +40,7 @@ class CaptionOptions:
     pretrained: str | None = None
     num: int = 5
     seed: int = 0
+    seq_len: int | None = None  # tokens per caption at most, markers included (default: the captioner's context)
     batch_size: int = 64
     device: str = "cpu"
     teacher_pretrained: dict[str, str] = field(default_factory=dict)  # teacher name -> checkpoint that moved
@@ -47,7 +48,7 @@ class CaptionOptions:
 
 
 def captions_attrs(opts: CaptionOptions, captioner: LoadedCLIP, corpus: dict) -> dict:
-    attrs = {"captioner": captioner.provenance(), "num": opts.num, "seed": opts.seed,
+    attrs = {"captioner": captioner.provenance(), "num": opts.num, "seed": opts.seed, "seq_len": opts.seq_len,
              "generation": "open_clip CoCa.generate, top_p, see common/captioner.py", "corpus": corpus}
     return attrs | {"content_hash": hashlib.sha256(json.dumps(attrs, sort_keys=True).encode()).hexdigest()}
 
@@ -58,7 +59,7 @@ def open_or_create_captions(store: CacheStore, opts: CaptionOptions, attrs: dict
     if CAPTIONS in root and opts.overwrite:
         remove_tree(join(store.path, CAPTIONS))
     if CAPTIONS in root and root[CAPTIONS].attrs.get("initialized"):
-        diffs = provenance_diff(dict(root[CAPTIONS].attrs), attrs, keys=("captioner", "num", "seed", "corpus"))
+        diffs = provenance_diff(dict(root[CAPTIONS].attrs), attrs, keys=("captioner", "num", "seed", "seq_len", "corpus"))
         if diffs:
             raise CacheError(f"store {store.path} already has captions made differently:\n  " + "\n  ".join(diffs) +
                              "\nUse the original options, or --overwrite to replace them (and their embeddings).")
@@ -98,7 +99,7 @@ def generate(store: CacheStore, corpus: Corpus, captioner: LoadedCLIP, opts: Cap
                     raise CacheError(f"{bad.shard}/{bad.key}: {bad.error} (readable when the store was built): "
                                      f"the shards changed; rebuild the store")
                 images = torch.stack([render(s.image, CLEAN_VIEW, captioner.preprocess) for s in part])
-                made = caption_images(captioner, images, opts.num, row_seed(opts.seed, part[0].row))
+                made = caption_images(captioner, images, opts.num, row_seed(opts.seed, part[0].row), opts.seq_len)
                 for s, captions in zip(part, made):
                     texts[s.row - start] = captions
             group["text"][start:stop] = texts.astype(str)

@@ -81,6 +81,8 @@ def add_teacher(store: str, name: str, **kwargs):
 @click.option("--pretrained", default=None, help="the captioner's local checkpoint (or open_clip tag)")
 @click.option("--num", default=5, show_default=True, type=POSITIVE, help="captions per image")
 @click.option("--seed", default=0, show_default=True, help="seeds the nucleus sampling (per row)")
+@click.option("--seq-len", default=None, type=POSITIVE,
+              help="tokens per caption at most, start/end markers included [default: the captioner's context]")
 @click.option("--batch-size", default=64, show_default=True, type=POSITIVE, help="images per captioner batch")
 @click.option("--teacher-pretrained", "teacher_pretrained", multiple=True,
               help="NAME=PATH: a teacher's checkpoint, if it moved since it was added (repeatable)")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo import STUDENT, TEACHER, sizes  # noqa: E402
-from pipeline import cli, run_step  # noqa: E402
+from pipeline import cli, run_step, step_seconds  # noqa: E402
 
 # (row name, --losses, other kd-train options)
 ROWS = [
@@ -109,8 +109,7 @@ def train_rows(rows, args, data: str, epochs: int, cache: Path) -> tuple[list[di
                 *(["--cache", cache] if losses != "task" else [])]
             first_command = first_command or command
             run_step(f"{name} seed {seed}", command, run, inputs=(cache,))
-            record = json.loads((run.parent / (run.name + ".step.json")).read_text())
-            per_seed.append({"seed": seed, "seconds": record["seconds"], "run": run.name})
+            per_seed.append({"seed": seed, "seconds": step_seconds(run), "run": run.name})
             runs[run.name] = run
         results.append({"row": name, "losses": losses, "options": list(options), "runs": per_seed,
                         "command": shlex.join(str(c) for c in first_command).replace(sys.executable, "python")})

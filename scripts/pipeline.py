@@ -31,6 +31,11 @@ def finished_at(output: Path) -> float | None:
     return json.loads(record.read_text())["finished"] if record.is_file() else None
 
 
+def step_seconds(output: Path) -> float:
+    """Wall seconds the step that wrote `output` took when it last ran (also when this run skipped it)."""
+    return json.loads(_record(output).read_text())["seconds"]
+
+
 def run_step(title: str, command: list, output: Path, inputs: tuple[Path, ...] = ()) -> float:
     """Run `command` (which writes `output`) unless already done with the same command after its inputs.
     Returns the wall seconds it took, 0 when skipped."""

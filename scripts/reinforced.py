@@ -20,7 +20,7 @@ import zarr
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablation import attach_metrics, evaluate, student_data, train_rows, write_report  # noqa: E402
 from demo import KD_LOSSES, TEACHER, sizes  # noqa: E402
-from pipeline import cli, run_step  # noqa: E402
+from pipeline import cli, run_step, step_seconds  # noqa: E402
 
 TEACHER_B, CAPTIONER = "kd-demo-teacher2", "kd-demo-coca"
 CAPTIONS_PER_IMAGE = 2  # DataCompDR stores 5; 2 of at most 24 tokens fit this CPU's time (BENCHMARKS.md)
@@ -76,7 +76,6 @@ def main(argv=None) -> None:
     if not teacher_main.exists():
         raise SystemExit(f"no demo teacher at {teacher_main}: run `python scripts/demo.py --out {args.demo_out}`")
     device = ["--device", args.device]
-    seconds: dict[str, float] = {}
     teacher_b = args.teacher_b
     if teacher_b is None:  # another architecture (D 96 instead of 128) and data order, the demo teacher's recipe
         run_step("teacher b", cli("kd-train") + [
@@ -86,10 +85,10 @@ def main(argv=None) -> None:
     captioner = args.captioner
     data = student_data(corpus, s)
     store = out / "reinforced.zarr"
-    seconds["build, teacher main"] = run_step("store: teacher main", cli("kd-cache") + [
+    run_step("store: teacher main", cli("kd-cache") + [
         "build", "--teacher", TEACHER, "--pretrained", teacher_main, "--data", data, "--out", store,
         "--batch-size", 256, "--grad-batch", 128, "--workers", 1, *device], store)
-    seconds["add-teacher b"] = run_step("store: add teacher b", cli("kd-cache") + [
+    run_step("store: add teacher b", cli("kd-cache") + [
         "add-teacher", store, "--name", "b", "--teacher", TEACHER_B, "--pretrained", teacher_b, "--data", data,
         "--workers", 1, *device], out / "teacher_b_added", inputs=(store,))
     results, runs = train_rows(TEACHER_ROWS, args, data, s["student_epochs"], store)
@@ -101,10 +100,12 @@ def main(argv=None) -> None:
             "--out", out / "captioner", "--steps", 450, "--batch-size", 64, "--lr", "1e-3", "--warmup", 30,
             "--workers", 1, "--log-every", 20, *device], out / "captioner")
         captioner = out / "captioner" / "student.pt"
-    seconds["captions (generate + embed by 2 teachers)"] = run_step("store: synthetic captions", cli("kd-cache") + [
+    run_step("store: synthetic captions", cli("kd-cache") + [
         "captions", store, "--data", data, "--captioner", CAPTIONER, "--pretrained", captioner,
         "--num", CAPTIONS_PER_IMAGE, "--seq-len", CAPTION_TOKENS, "--batch-size", 128, *device], out / "captions_added", inputs=(out / "teacher_b_added",))
-    costs = store_costs(store, seconds)
+    costs = store_costs(store, {  # as last run (a step skipped now keeps its time)
+        "build, teacher main": step_seconds(store), "add-teacher b": step_seconds(out / "teacher_b_added"),
+        "captions (generate + embed by 2 teachers)": step_seconds(out / "captions_added")})
     (out / "store_costs.json").write_text(json.dumps(costs, indent=2))
     more, more_runs = train_rows(CAPTION_ROWS, args, data, s["student_epochs"], store)
     results, runs = results + more, runs | more_runs

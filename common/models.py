@@ -22,6 +22,7 @@ from typing import Callable
 
 import open_clip
 from open_clip.transform import PreprocessCfg, image_transform_v2
+from open_clip.transformer import MultimodalTransformer
 import torch
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -152,6 +153,19 @@ class LoadedCLIP:
         }
 
 
+def initialize_left_empty(model: torch.nn.Module) -> None:
+    """Give a value to the parameters open_clip creates with `torch.empty` and never initializes.
+
+    open_clip 3.3's CoCa text decoder (`MultimodalTransformer`) has `text_projection = torch.empty(...)`; its
+    `init_parameters` is never called (and could not run: it reads `self.transformer`, open_clip issue #554). A
+    random-init CoCa therefore projects to the vocabulary with whatever the allocator handed back: zeros in a fresh
+    process, earlier tensors' values (NaN included) in a long-lived one. Use the init that method means to give.
+    """
+    for module in model.modules():
+        if isinstance(module, MultimodalTransformer) and module.text_projection is not None:
+            torch.nn.init.normal_(module.text_projection, std=module.width ** -0.5)
+
+
 def _open_clip_model(name: str, pretrained: str | None) -> torch.nn.Module:
     """The fp32 model on the CPU: from an open_clip pretrained tag, or random init (seeded) + a local checkpoint."""
     if pretrained and not Path(pretrained).exists():
@@ -167,6 +181,7 @@ def _open_clip_model(name: str, pretrained: str | None) -> torch.nn.Module:
         with torch.random.fork_rng():
             torch.manual_seed(0)
             model = open_clip.create_model(name, device="cpu")
+            initialize_left_empty(model)
         if pretrained:
             load_weights(model, pretrained)
     return model

@@ -42,6 +42,19 @@ def test_captions_are_num_strings_per_image_and_seeded(coca, images):
     assert coca.model.training  # the captioner's mode is given back
 
 
+def test_a_random_init_coca_does_not_depend_on_what_memory_held_before(coca):
+    """open_clip leaves the CoCa decoder's text_projection `torch.empty`: the factory gives it a seeded value, so a
+    random-init captioner is the same model (and writes finite logits) however the process used its memory."""
+    projection = coca.model.text_decoder.text_projection
+    for _ in range(3):  # freed NaN blocks of the projection's size: what the allocator hands back to torch.empty
+        junk = torch.full(projection.shape, float("nan"))
+        del junk
+        again = create_clip(COCA)
+        assert again.fingerprint == coca.fingerprint
+        assert torch.equal(again.model.text_decoder.text_projection, projection)
+    assert torch.isfinite(projection).all() and 0.5 < float(projection.detach().std()) * 48 ** 0.5 < 1.5
+
+
 def test_captioning_refuses_a_model_that_is_not_a_coca(images):
     with pytest.raises(ValueError, match="kd-test-student is a CLIP, not a captioner"):
         caption_images(create_clip("kd-test-student"), images, num=2, seed=0)

@@ -72,13 +72,13 @@ def caption_images(captioner: LoadedCLIP, images: torch.Tensor, num: int, seed: 
     model.eval()
     try:
         with torch.inference_mode(), captioner.autocast(), _last_position_only(model.text_decoder):
-            repeated = images.to(device).repeat_interleave(num, dim=0)  # image i's captions: rows i*num .. i*num+num-1
-            image_latent, image_embs = model._encode_image(repeated)
-            out = torch.full((len(repeated), 1), sot, dtype=torch.long, device=device)
-            done = torch.zeros(len(repeated), dtype=torch.bool, device=device)
+            # each image encoded once; image i's captions are rows i*num .. i*num+num-1
+            image_latent, image_embs = (t.repeat_interleave(num, dim=0) for t in model._encode_image(images.to(device)))
+            out = torch.full((len(image_latent), 1), sot, dtype=torch.long, device=device)
+            done = torch.zeros(len(image_latent), dtype=torch.bool, device=device)
             while not done.all() and out.shape[1] < seq_len:
                 live = torch.nonzero(~done).flatten()  # finished captions leave the batch: no more forwards
-                logits = model(repeated[live], out[live], image_latent=image_latent[live],
+                logits = model(None, out[live], image_latent=image_latent[live],
                                image_embs=image_embs[live], output_labels=False)["logits"][:, -1]
                 if not torch.isfinite(logits).all():
                     rows = live[~torch.isfinite(logits).all(-1)][:4].tolist()
@@ -88,7 +88,7 @@ def caption_images(captioner: LoadedCLIP, images: torch.Tensor, num: int, seed: 
                 logits[:, pad] = -torch.inf  # the padding id ends nothing: training never asks for it
                 if out.shape[1] <= MIN_TOKENS:
                     logits[:, eot] = -torch.inf
-                token = torch.full((len(repeated),), pad, dtype=torch.long, device=device)
+                token = torch.full((len(image_latent),), pad, dtype=torch.long, device=device)
                 token[live] = _nucleus_sample(logits, generator).squeeze(1)
                 if out.shape[1] + 1 == seq_len:
                     token[live] = eot

@@ -102,7 +102,7 @@ def main(argv=None) -> None:
         captioner = out / "captioner" / "student.pt"
     run_step("store: synthetic captions", cli("kd-cache") + [
         "captions", store, "--data", data, "--captioner", CAPTIONER, "--pretrained", captioner,
-        "--num", CAPTIONS_PER_IMAGE, "--seq-len", CAPTION_TOKENS, "--batch-size", 128, *device], out / "captions_added", inputs=(out / "teacher_b_added",))
+        "--per-image", CAPTIONS_PER_IMAGE, "--seq-len", CAPTION_TOKENS, "--batch-size", 128, *device], out / "captions_added", inputs=(out / "teacher_b_added",))
     costs = store_costs(store, {  # as last run (a step skipped now keeps its time)
         "build, teacher main": step_seconds(store), "add-teacher b": step_seconds(out / "teacher_b_added"),
         "captions (generate + embed by 2 teachers)": step_seconds(out / "captions_added")})

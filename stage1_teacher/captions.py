@@ -137,7 +137,7 @@ def embed_captions(url: str, group: zarr.Group, teacher: LoadedCLIP, rank: int, 
 def build_captions(opts: CaptionOptions) -> str:
     """Generate (or resume) the store's synthetic captions, then embed them with each of its teachers."""
     if opts.num < 1:
-        raise ValueError(f"--num must be >= 1, got {opts.num}")
+        raise ValueError(f"--per-image must be >= 1, got {opts.num}")
     rank, world = dist.init_distributed(opts.device)
     device = dist.local_device(opts.device)
     store = CacheStore(opts.store)

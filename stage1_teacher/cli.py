@@ -79,7 +79,8 @@ def add_teacher(store: str, name: str, **kwargs):
 @click.option("--data", required=True, help="the shards the store was built from")
 @click.option("--captioner", required=True, help="open_clip CoCa model name or config JSON")
 @click.option("--pretrained", default=None, help="the captioner's local checkpoint (or open_clip tag)")
-@click.option("--num", default=5, show_default=True, type=POSITIVE, help="captions per image")
+# not --num: torchrun reads it as its own --numa-binding (argparse abbreviations), so it would never arrive here
+@click.option("--per-image", "num", default=5, show_default=True, type=POSITIVE, help="captions per image")
 @click.option("--seed", default=0, show_default=True, help="seeds the nucleus sampling (per row)")
 @click.option("--seq-len", default=None, type=POSITIVE,
               help="tokens per caption at most, start/end markers included [default: the captioner's context]")

@@ -11,7 +11,7 @@ import open_clip
 import torch
 import zarr
 
-import common.models  # noqa: F401 - registers the kd-* configs with open_clip
+from common.models import initialize_left_empty  # importing common.models registers the kd-* configs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,17 +20,29 @@ def save_random_checkpoint(model_name: str, path: Path, seed: int) -> Path:
     """A real open_clip state_dict on disk, from a seeded random init (stands in for pretrained weights)."""
     torch.manual_seed(seed)
     model = open_clip.create_model(model_name)
+    initialize_left_empty(model)
     torch.save({"state_dict": model.state_dict()}, path)
     return path
 
 
+def _run(command: list, what: str, check: bool, env: dict | None) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if check and result.returncode != 0:
+        raise AssertionError(f"{what} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
 def cli(module: str, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m module args` as a real process from the repo root."""
-    result = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True,
-                            text=True, env={**os.environ, **(env or {})})
-    if check and result.returncode != 0:
-        raise AssertionError(f"{module} {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
-    return result
+    args = [str(a) for a in args]
+    return _run([sys.executable, "-m", module, *args], f"{module} {' '.join(args)}", check, env)
+
+
+def torchrun(module: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `torchrun --standalone --nproc_per_node 2 -m module args` (two CPU ranks, gloo) from the repo root."""
+    args = [str(a) for a in args]
+    return _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", module,
+                 *args], f"torchrun -m {module} {' '.join(args)}", check, {"OMP_NUM_THREADS": "1"})
 
 
 def plain_keys(group: zarr.Group) -> list[str]:

@@ -19,7 +19,7 @@ from stage1_teacher.captions import CaptionOptions, build_captions
 from stage1_teacher.inspect import store_summary
 from stage2_student.losses import LOSSES, StudentOutputs, TeacherTargets
 from stage2_student.train import Trainer
-from tests.helpers import cli, save_random_checkpoint
+from tests.helpers import assert_stores_equal, cli, save_random_checkpoint, torchrun
 from tests.test_stage2 import options
 
 TEACHER_A, TEACHER_B, CAPTIONER = "kd-test-teacher", "kd-test-student", "kd-test-coca"
@@ -98,6 +98,17 @@ def test_an_interrupted_add_teacher_resumes_to_the_same_arrays(store, synth_corp
     np.testing.assert_array_equal(resumed["image_emb"][:], before)
     np.testing.assert_array_equal(resumed["caption_text_emb"][:], captions_before)
     assert CacheStore(str(copy)).teacher("b").teacher_group.attrs["captions"] == resumed.attrs["captions"]
+
+
+def test_add_teacher_and_captions_on_two_ranks_equal_one_process(store, synth_corpus, ckpts, tmp_path):
+    """torchrun splits add-teacher's windows and the captions' blocks across ranks: the same arrays as one process."""
+    out, data = tmp_path / "ranks.zarr", str(synth_corpus / "train")
+    build_cache(BuildOptions(teacher=TEACHER_A, pretrained=str(ckpts["a"]), data=data, out=str(out), **BUILD))
+    torchrun("stage1_teacher.cli", "add-teacher", out, "--name", "b", "--teacher", TEACHER_B, "--pretrained",
+             ckpts["b"], "--data", data, "--workers", "0")
+    torchrun("stage1_teacher.cli", "captions", out, "--data", data, "--captioner", CAPTIONER, "--per-image", "3",
+             "--batch-size", "16")
+    assert_stores_equal(out, store)  # teachers/b/*, captions/text and both teachers' caption_text_emb included
 
 
 def test_captions_are_stored_and_embedded_by_every_teacher(store, ckpts):

@@ -24,7 +24,7 @@ from common.corpus import Corpus, CorpusError
 from common.synth import make_sample, write_shard
 from common.views import view_from_arrays, crop_view
 from stage1_teacher.build import BuildOptions, build_cache
-from tests.helpers import REPO, assert_stores_equal, cli, plain_keys, save_random_checkpoint
+from tests.helpers import REPO, assert_stores_equal, cli, plain_keys, save_random_checkpoint, torchrun
 
 TEACHER = "kd-test-teacher"
 SMALL = dict(batch_size=16, grad_batch=32, chunk_rows=32, window_blocks=2, workers=0)  # 3 windows of 2 blocks
@@ -138,12 +138,9 @@ def test_kill_and_resume_is_bit_identical(synth_corpus, teacher_ckpt, tmp_path):
 
 def test_two_processes_equal_single_process(synth_corpus, teacher_ckpt, store, tmp_path):
     out = tmp_path / "ranks.zarr"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "stage1_teacher.cli", "build",
-         "--teacher", TEACHER, "--pretrained", str(teacher_ckpt), "--data", str(synth_corpus / "train"),
-         "--out", str(out), "--views", "2", "--batch-size", "16", "--grad-batch", "32", "--chunk-rows", "32",
-         "--window-blocks", "2", "--workers", "1"], cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun("stage1_teacher.cli", "build", "--teacher", TEACHER, "--pretrained", teacher_ckpt, "--data",
+             synth_corpus / "train", "--out", out, "--views", "2", "--batch-size", "16", "--grad-batch", "32",
+             "--chunk-rows", "32", "--window-blocks", "2", "--workers", "1")
     assert_stores_equal(out, store)
 
 

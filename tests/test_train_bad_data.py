@@ -3,16 +3,13 @@ counts it, and moves no other sample."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from common.synth import make_sample, write_shard
 from stage2_student.train import Trainer, TrainOptions
-from tests.helpers import REPO, cli
+from tests.helpers import cli, torchrun
 
 STUDENT = "kd-test-student"
 
@@ -55,10 +52,7 @@ def test_two_ranks_with_a_skipped_sample_give_the_single_process_losses(tmp_path
     args = ["--data", data, "--student", STUDENT, "--losses", "task", "--batch-size", "16", "--epochs", "1",
             "--workers", "0", "--log-every", "1", "--on-error", "skip", "--warmup", "1"]
     cli("stage2_student.cli", "--out", tmp_path / "one", *args)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                             "stage2_student.cli", "--out", str(tmp_path / "two"), *map(str, args)], cwd=REPO,
-                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun("stage2_student.cli", "--out", tmp_path / "two", *args)
     read = lambda run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     one, two = read("one"), read("two")
     assert two[-1]["skipped_samples"] == 1

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 
+import click
 import open_clip
 import pytest
 import torch
 from click.testing import CliRunner
+from torch.distributed.run import get_args_parser
 
 from evaluation.cli import main as kd_eval
 from stage1_teacher.cli import main as kd_cache
 from stage2_student.cli import main as kd_train
 from stage2_student.train import Trainer, TrainOptions
-from tests.helpers import REPO, cli, save_random_checkpoint
+from tests.helpers import cli, save_random_checkpoint, torchrun
 
 STUDENT, TEACHER = "kd-test-student", "kd-test-teacher"
 
@@ -170,17 +171,35 @@ def test_student_loads_with_plain_open_clip_from_its_config(synth_corpus, tmp_pa
     assert float(result.stdout.strip().splitlines()[-1]) == pytest.approx(expected, rel=1e-5)
 
 
+def _long_options(command: click.Command, path: str):
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            yield from _long_options(sub, f"{path} {name}")
+    else:
+        yield from ((path, opt) for param in command.params for opt in param.opts if opt.startswith("--"))
+
+
+def test_no_cli_option_is_taken_by_torchrun_after_the_module():
+    """torchrun's argparse matches abbreviations even among the module's arguments: `-m stage1_teacher.cli captions
+    --num 5` failed as an ambiguous `--numa-binding`. No option of ours may be a prefix of one of torchrun's."""
+    theirs = [opt for action in get_args_parser()._actions for opt in action.option_strings if opt.startswith("--")]
+    ours = [*_long_options(kd_cache, "kd-cache"), *_long_options(kd_train, "kd-train"),
+            *_long_options(kd_eval, "kd-eval")]
+    assert len(ours) > 60 and ("kd-cache captions", "--per-image") in ours
+    taken = [(path, opt, [t for t in theirs if t.startswith(opt)]) for path, opt in ours
+             if any(t.startswith(opt) for t in theirs)]
+    assert taken == []
+
+
 def test_two_ranks_refuse_an_indivisible_batch_and_gather_without_deprecated_api(synth_corpus, tmp_path):
-    def torchrun(out, batch_size):
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                               "stage2_student.cli", "--out", str(out),
-                               *tiny_run(synth_corpus, "--batch-size", batch_size, "--steps", 1)],
-                              cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    refused = torchrun(tmp_path / "odd", 33)
+    def two_ranks(out, batch_size):
+        return torchrun("stage2_student.cli", "--out", out, *tiny_run(synth_corpus, "--batch-size", batch_size,
+                                                                        "--steps", 1), check=False)
+    refused = two_ranks(tmp_path / "odd", 33)
     assert refused.returncode != 0 and not (tmp_path / "odd").exists()
     assert "--batch-size 33 is not divisible by the world size 2" in refused.stderr
     assert "Received data size" not in refused.stderr
-    ran = torchrun(tmp_path / "even", 32)
+    ran = two_ranks(tmp_path / "even", 32)
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert "all_gather is deprecated" not in ran.stderr  # torch.distributed.nn's all_gather warned on every step
     assert (tmp_path / "even.lock").read_text().strip().isdigit()  # rank 0 held the lock

@@ -24,6 +24,7 @@ from tests.test_stage2 import options
 
 TEACHER_A, TEACHER_B, CAPTIONER = "kd-test-teacher", "kd-test-student", "kd-test-coca"
 BUILD = dict(batch_size=32, grad_batch=32, chunk_rows=64, workers=0, views=2)
+CAPTIONS = dict(num=3, seq_len=8, batch_size=64)  # short captions: a random-init CoCa writes them to the end
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def store(synth_corpus, ckpts, tmp_path_factory) -> Path:
     build_cache(BuildOptions(teacher=TEACHER_A, pretrained=str(ckpts["a"]), data=data, out=str(out), **BUILD))
     build_cache(BuildOptions(teacher=TEACHER_B, pretrained=str(ckpts["b"]), data=data, out=str(out), name="b",
                              workers=0))
-    build_captions(CaptionOptions(store=str(out), data=data, captioner=CAPTIONER, num=3, batch_size=16))
+    build_captions(CaptionOptions(store=str(out), data=data, captioner=CAPTIONER, **CAPTIONS))
     return out
 
 
@@ -106,8 +107,8 @@ def test_add_teacher_and_captions_on_two_ranks_equal_one_process(store, synth_co
     build_cache(BuildOptions(teacher=TEACHER_A, pretrained=str(ckpts["a"]), data=data, out=str(out), **BUILD))
     torchrun("stage1_teacher.cli", "add-teacher", out, "--name", "b", "--teacher", TEACHER_B, "--pretrained",
              ckpts["b"], "--data", data, "--workers", "0")
-    torchrun("stage1_teacher.cli", "captions", out, "--data", data, "--captioner", CAPTIONER, "--per-image", "3",
-             "--batch-size", "16")
+    torchrun("stage1_teacher.cli", "captions", out, "--data", data, "--captioner", CAPTIONER, "--per-image",
+             CAPTIONS["num"], "--seq-len", CAPTIONS["seq_len"], "--batch-size", CAPTIONS["batch_size"])
     assert_stores_equal(out, store)  # teachers/b/*, captions/text and both teachers' caption_text_emb included
 
 

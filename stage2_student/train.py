@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import random
+import re
 import signal
 import time
 from contextlib import ExitStack
@@ -95,6 +96,26 @@ def param_groups(modules: list[torch.nn.Module], wd: float) -> list[dict]:
                 continue
             (no_decay if p.ndim < 2 or "logit_scale" in name or name.endswith(".bias") else decay).append(p)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": wd}]
+
+
+def upgrade_single_teacher_resume(state: dict, per_teacher_losses: frozenset[str]) -> dict:
+    """Name a resume.pt written before ensembles (its options lack 'synthetic_captions') the way a one-teacher run
+    names it now, so a run stopped before the upgrade continues: the projection proj_image/proj_text becomes
+    teacher main's, per-teacher losses' parts move under `members.main`, the two counters become main's."""
+    options = json.loads(state["options"])
+    if "synthetic_captions" in options:
+        return state
+    def loss_key(key: str) -> str:  # losses.<loss>.<part> -> losses.<loss>.members.main.<part>
+        _, loss, part = key.split(".", 2)
+        return f"losses.{loss}.members.{MAIN_TEACHER}.{part}" if loss in per_teacher_losses else key
+
+    return state | {
+        "options": json.dumps(options | {"teachers": None, "synthetic_captions": 0.0}),
+        "student": {re.sub(r"^proj_(image|text)\.", rf"projections.{MAIN_TEACHER}.\1.", key): value
+                    for key, value in state["student"].items()},
+        "losses": {loss_key(key): value for key, value in state["losses"].items()},
+        "target_counts": {MAIN_TEACHER: [state.get("cache_hits", 0), state.get("live_batches", 0)]},
+    }
 
 
 def warmup_cosine(warmup: int, total: int):
@@ -448,7 +469,8 @@ class Trainer:
         path = self.out / "resume.pt"
         if not path.is_file():
             raise FileNotFoundError(f"--resume: no {path}; start without --resume")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = upgrade_single_teacher_resume(torch.load(path, map_location="cpu", weights_only=True),
+                                              self.loss_set.per_teacher_losses)
         stored = json.loads(state["options"])
         if stored != self.resume_options():
             diff = {k: (stored.get(k), v) for k, v in self.resume_options().items() if stored.get(k) != v}
@@ -458,8 +480,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
-        # counters continue (resume.pt files written before they were stored restart them)
-        for name, provider in self.targets.items():
+        for name, provider in self.targets.items():  # counters continue
             provider.cache_hits, provider.live_batches = state.get("target_counts", {}).get(name, (0, 0))
         self.skipped_samples = state.get("skipped_samples", 0)
         self.step = self.saved_step = state["step"]

@@ -21,6 +21,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from common.cache import MAIN_TEACHER
+
 from ._ops import LogitScale
 
 # Teacher targets the cache can hold; anything else comes from the live teacher.
@@ -160,7 +162,7 @@ class LossSet(nn.Module):
     def __init__(self, spec: str, dims: Dims | dict[str, Dims]):
         super().__init__()
         parsed = parse_loss_spec(spec)
-        dims = dims if isinstance(dims, dict) else {SINGLE: dims}
+        dims = dims if isinstance(dims, dict) else {MAIN_TEACHER: dims}
         self.teacher_names = list(dims)
         self.classes = {name: LOSSES[name] for name, _ in parsed}
         first = dims[self.teacher_names[0]]
@@ -182,6 +184,10 @@ class LossSet(nn.Module):
         return frozenset().union(*(cls.teacher_optional for cls in self.classes.values()))
 
     @property
+    def per_teacher_losses(self) -> frozenset[str]:
+        return frozenset(name for name, loss in self.losses.items() if isinstance(loss, PerTeacher))
+
+    @property
     def needs_teacher(self) -> bool:
         return bool(self.teacher_needs)
 
@@ -198,8 +204,8 @@ class LossSet(nn.Module):
         Runs with autocast off: the losses cast their inputs to float32, and under bf16 autocast their matmuls
         (logits, Gram matrices, projections) would otherwise still run in bf16.
         """
-        students = student if isinstance(student, dict) else {SINGLE: student}
-        teachers = teacher if isinstance(teacher, dict) else {SINGLE: teacher}
+        students = student if isinstance(student, dict) else {MAIN_TEACHER: student}
+        teachers = teacher if isinstance(teacher, dict) else {MAIN_TEACHER: teacher}
         names = self.teacher_names
         total, terms = 0.0, {}
         with torch.autocast(students[names[0]].image_emb.device.type, enabled=False):
@@ -217,5 +223,3 @@ class LossSet(nn.Module):
                 total = total + self.weights[name] * value
         return total, terms
 
-
-SINGLE = "main"  # the teacher's name when a LossSet is given one teacher (the store's build teacher)

@@ -105,6 +105,7 @@ def upgrade_single_teacher_resume(state: dict, per_teacher_losses: frozenset[str
     options = json.loads(state["options"])
     if "synthetic_captions" in options:
         return state
+
     def loss_key(key: str) -> str:  # losses.<loss>.<part> -> losses.<loss>.members.main.<part>
         _, loss, part = key.split(".", 2)
         return f"losses.{loss}.members.{MAIN_TEACHER}.{part}" if loss in per_teacher_losses else key
@@ -114,7 +115,9 @@ def upgrade_single_teacher_resume(state: dict, per_teacher_losses: frozenset[str
         "student": {re.sub(r"^proj_(image|text)\.", rf"projections.{MAIN_TEACHER}.\1.", key): value
                     for key, value in state["student"].items()},
         "losses": {loss_key(key): value for key, value in state["losses"].items()},
+        # files older still had no counters: those restart
         "target_counts": {MAIN_TEACHER: [state.get("cache_hits", 0), state.get("live_batches", 0)]},
+        "skipped_samples": state.get("skipped_samples", 0),
     }
 
 
@@ -481,8 +484,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         for name, provider in self.targets.items():  # counters continue
-            provider.cache_hits, provider.live_batches = state.get("target_counts", {}).get(name, (0, 0))
-        self.skipped_samples = state.get("skipped_samples", 0)
+            provider.cache_hits, provider.live_batches = state["target_counts"][name]
+        self.skipped_samples = state["skipped_samples"]
         self.step = self.saved_step = state["step"]
         return state["epoch"], state["step_in_epoch"]
 

@@ -10,8 +10,9 @@ A hub model, ``hf-hub:org/repo`` or ``local-dir:/path`` (open_clip's layout: ``o
 tokenizer, as open_clip loads it (``hf-hub:`` reads the Hugging Face cache, so it works offline once downloaded).
 A ``local-dir:`` path is recorded absolute, so another process resolves it.
 
-`--pretrained` takes an open_clip pretrained tag (downloads: needs network) or a local checkpoint file: a plain
-state_dict or a dict with ``state_dict``, loaded with ``weights_only=True``. A tag whose pretrained config says
+`--pretrained` (`--init`) takes an open_clip pretrained tag (downloads: needs network), a local checkpoint file (a
+plain state_dict or a dict with ``state_dict``, loaded with ``weights_only=True``), or a hub model of the same
+architecture whose weights are loaded. A tag whose pretrained config says
 ``quick_gelu`` (OpenAI's weights) builds the QuickGELU model, as ``ViT-B-16-quickgelu`` would, and the recorded
 config says so: open_clip itself would only warn and load QuickGELU weights into a GELU model.
 """
@@ -244,6 +245,15 @@ def _open_clip_model(name: str, pretrained: str | None) -> torch.nn.Module:
             except Exception as e:  # noqa: BLE001 - re-raised with what to do
                 raise ModelError(f"could not load {name}: {type(e).__name__}: {e}") from e
             initialize_left_empty(model)
+    elif pretrained and is_hub_model(pretrained):
+        # the weights of a hub model of the same architecture (kd-train --init local-dir:...)
+        model = _open_clip_model(name, None)
+        source = _open_clip_model(_resolve_hub_model(pretrained), None)
+        try:
+            model.load_state_dict(source.state_dict())
+        except RuntimeError as e:
+            raise ModelError(f"the weights of {pretrained} do not fit {name}: {str(e).splitlines()[0]} — give the "
+                             f"hub model itself as the model, or a checkpoint of {name}") from e
     elif pretrained and not Path(pretrained).exists():
         # an open_clip tag: open_clip resolves (and may download) it
         try:
@@ -277,6 +287,8 @@ def _tokenizer(name: str) -> Callable:
 def create_clip(name_or_config: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> LoadedCLIP:
     """Build an open_clip model (fp32) with its eval preprocessing and tokenizer, and fingerprint its weights."""
     name = resolve_model_name(name_or_config)
+    if pretrained and is_hub_model(pretrained):
+        pretrained = _resolve_hub_model(pretrained)  # recorded as another process resolves it
     with quiet_open_clip():
         model, tokenizer = _open_clip_model(name, pretrained), _tokenizer(name)
     model.to(device).eval()  # inference mode (BatchNorm running stats, no dropout); a trainer sets train()

@@ -18,7 +18,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from safetensors.torch import save_file
 
 from common.corpus import Corpus
-from common.models import effective_config, tag_wants_quick_gelu
+from common.models import ModelError, create_clip, effective_config, tag_wants_quick_gelu, weights_fingerprint
 from tests.helpers import REPO, cli, fill_hf_cache, offline_hub_env, save_tiny_hf_tokenizer
 
 HUB_MODEL, HF_TEXT = "kd-test/tiny-sigmoid-hf", "kd-test/tiny-bert"
@@ -173,3 +173,18 @@ def test_vit_b_16_openai_builds_the_quickgelu_model(synth_corpus, tmp_path):
     gap = lambda a, b: float((a - b).abs().max())  # noqa: E731  (fp32 store: no rounding between them)
     assert gap(stored, embeddings["ViT-B-16-quickgelu"]) < 1e-5 < 1e-4 < gap(stored, embeddings["ViT-B-16"])
     cli("stage1_teacher.cli", "verify", store, "--data", data, env=offline_hub_env(hf_home))
+
+
+def test_init_from_a_local_dir_model_of_the_same_architecture(tmp_path):
+    """--init / --pretrained local-dir:PATH loads that hub folder's weights (strictly), recorded absolute."""
+    torch.manual_seed(1)
+    model = open_clip.create_model("kd-test-student")
+    folder = tmp_path / "hub-student"
+    folder.mkdir()
+    save_file(model.state_dict(), folder / "open_clip_model.safetensors")
+    (folder / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": open_clip.get_model_config("kd-test-student"), "preprocess_cfg": {}}))
+    clip = create_clip("kd-test-student", f"local-dir:{folder}")
+    assert clip.fingerprint == weights_fingerprint(model) and clip.pretrained == f"local-dir:{folder.resolve()}"
+    with pytest.raises(ModelError, match=rf"the weights of local-dir:{folder} do not fit kd-test-teacher"):
+        create_clip("kd-test-teacher", f"local-dir:{folder}")

@@ -14,7 +14,7 @@ import numpy as np
 
 from common.alignment import alignment_metrics
 from common.corpus import Corpus
-from common.models import create_clip
+from common.models import HUB_SCHEMAS, create_clip
 from common.retrieval import retrieval_metrics
 from common.zeroshot import PromptTemplates, as_percent, result_json, zeroshot_metrics
 from evaluation.encode import EncodedSplit, encode_classifier, encode_split
@@ -36,9 +36,12 @@ class Entry:
 
     @classmethod
     def parse(cls, text: str) -> "Entry":
-        """`NAME=MODEL[:CHECKPOINT]`, e.g. `baseline=kd-demo-student:runs/b/student.pt`."""
+        """`NAME=MODEL[:CHECKPOINT]`, e.g. `baseline=kd-demo-student:runs/b/student.pt`; a hub MODEL
+        (`hf-hub:ORG/REPO`, `local-dir:PATH`) keeps its schema's colon and brings its own weights."""
         name, sep, spec = text.partition("=")
-        model, _, checkpoint = spec.partition(":")
+        schema = next((s for s in HUB_SCHEMAS if spec.startswith(s)), "")
+        model, _, checkpoint = spec[len(schema):].partition(":")
+        model = schema + model
         if not sep or not name or not model:
             raise ValueError(f"--entry {text!r}: expected NAME=MODEL[:CHECKPOINT], "
                              f"e.g. baseline=kd-demo-student:runs/b/student.pt")

@@ -18,6 +18,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from safetensors.torch import save_file
 
 from common.corpus import Corpus
+from evaluation.compare import Entry
 from common.models import ModelError, create_clip, effective_config, tag_wants_quick_gelu, weights_fingerprint
 from tests.helpers import REPO, cli, fill_hf_cache, offline_hub_env, save_tiny_hf_tokenizer
 
@@ -188,3 +189,9 @@ def test_init_from_a_local_dir_model_of_the_same_architecture(tmp_path):
     assert clip.fingerprint == weights_fingerprint(model) and clip.pretrained == f"local-dir:{folder.resolve()}"
     with pytest.raises(ModelError, match=rf"the weights of local-dir:{folder} do not fit kd-test-teacher"):
         create_clip("kd-test-teacher", f"local-dir:{folder}")
+
+
+def test_compare_entries_keep_a_hub_models_schema():
+    assert Entry.parse("t=hf-hub:org/repo") == Entry("t", "hf-hub:org/repo", None)
+    assert Entry.parse("s=local-dir:/runs/x") == Entry("s", "local-dir:/runs/x", None)
+    assert Entry.parse("b=kd-test-student") == Entry("b", "kd-test-student", None)

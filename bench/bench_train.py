@@ -83,9 +83,11 @@ def big_store(real: CacheStore, rows: int, path: Path) -> CacheStore:
 
 
 def reader_requests(rows: int, batch: int, count: int) -> list[dict]:
-    """`count` cached-target requests of `batch` random rows each, clean view (made once, outside timing)."""
+    """`count` cached-target requests of `batch` random rows each, clean view and each sample's own caption
+    (caption -1, as `TrainBatches` marks it), made once, outside timing."""
     rng = np.random.default_rng(0)
-    return [{"cache_rows": torch.from_numpy(rng.integers(0, rows, batch)), "view": torch.zeros(batch, dtype=torch.long)}
+    return [{"cache_rows": torch.from_numpy(rng.integers(0, rows, batch)), "view": torch.zeros(batch, dtype=torch.long),
+             "caption": torch.full((batch,), -1, dtype=torch.long)}
             for _ in range(count)]
 
 

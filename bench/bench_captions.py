@@ -54,7 +54,7 @@ def main() -> None:
         for num, seq_len in grid}
     times = C.interleaved(variants, args.repeats, args.device, warmup=1)
     encode_s = C.median(times["image tower"])
-    rows, results = [], {"header": header, "images": args.images, "image_tower_s": encode_s, "runs": []}
+    rows, results = [], {**header, "images": args.images, "image_tower_s": encode_s, "runs": []}
     for (num, seq_len), name in zip(grid, list(variants)[1:]):
         seconds, captions = C.median(times[name]), args.images * num
         per_caption_ms = 1000 * seconds / captions

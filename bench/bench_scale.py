@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._common import REPO, command_line, machine_info, parse_args, synthetic_index  # noqa: E402
+from bench._common import REPO, parse_args, print_header, synthetic_index  # noqa: E402
 
 SHARD = 10_000
 CC12M = 11_000_000
@@ -269,8 +269,8 @@ def main() -> None:
     parser.add_argument("--json", metavar="PATH")
     args = parse_args(parser, TINY)
     root = Path(args.root)
-    results = {"command": command_line(), "machine": machine_info("cpu"), "sizes": {}}
-    print(results["command"])
+    results = print_header("growth with corpus size: index, memory, kd-train start, ranks, stores", "cpu")
+    results["sizes"] = {}
     for n in [] if args.ranks_only else args.sizes:
         corpus = root / f"corpus-{n}"
         t = time.perf_counter()

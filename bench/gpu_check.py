@@ -94,16 +94,16 @@ def store_agreement(a: Path, b: Path) -> dict[str, float]:
 
 
 def device_vs_cpu_store(args, tmp: Path) -> dict[str, float]:
-    """The same corpus built on --device and on the CPU (the build's own options otherwise)."""
+    """The same corpus built on --device and on the CPU (the build's own options otherwise; with --device cpu,
+    two builds that must agree all the same)."""
     data = C.make_corpus(tmp / "agree-corpus", args.agree_samples, args.image_size)
-    stores = {}
-    for device in (args.device, "cpu"):
-        stores[device] = tmp / f"agree-{device}.zarr"
+    stores = {"device": tmp / "agree-device.zarr", "cpu": tmp / "agree-cpu.zarr"}
+    for where, device in (("device", args.device), ("cpu", "cpu")):
         with C.quiet_stderr():
-            build_cache(BuildOptions(teacher=args.teacher, data=str(data), out=str(stores[device]),
+            build_cache(BuildOptions(teacher=args.teacher, data=str(data), out=str(stores[where]),
                                      batch_size=args.batch_size, chunk_rows=args.chunk_rows, device=device,
-                                     workers=max(args.build_workers), overwrite=True))
-    return store_agreement(stores[args.device], stores["cpu"])
+                                     workers=max(args.build_workers)))
+    return store_agreement(stores["device"], stores["cpu"])
 
 
 def faiss_flat(args) -> dict:

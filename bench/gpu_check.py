@@ -144,7 +144,7 @@ def goal_rows(args, results: dict) -> list[dict]:
              f"1 + teacher / cached step = {predicted:.3f} (+-{LIVE_TOLERANCE:.0%})",
              abs(live / predicted - 1) <= LIVE_TOLERANCE),
         goal("speed", "DataLoader alone / cached KD step, samples/s", loader / step, ">= 1", loader >= step,
-             f"{args.train_workers} workers: {loader:.0f} vs {step:.0f} samples/s"),
+             f"{args.train_workers} workers: {loader:.4g} vs {step:.4g} samples/s"),
         goal("agreement", f"store on {args.device} vs on cpu, min cosine", store_cos, f">= {MIN_COSINE}",
              store_cos >= MIN_COSINE, "image and text embeddings, every row"),
         goal("agreement", "cached vs live targets, min cosine", target_cos, f">= {MIN_COSINE}",

@@ -12,8 +12,9 @@
 4. retrieval: FAISS flat on the GPU vs the CPU at --faiss-captions captions, recall equal (skipped when faiss
    is not installed or has no GPU support).
 
-Writes the results and a pass / fail per goal (JSON with --json), and exits 1 when an agreement check fails:
-slow is a finding, different numbers are a bug. `--device cpu --tiny` runs every step in seconds (the test).
+Writes the results and a pass / fail per goal (JSON with --json, rewritten after each step), and exits 1 when
+an agreement check fails or a step raised (the other steps still run): slow is a finding, different numbers are
+a bug. `--device cpu --tiny` runs every step in seconds (the test).
 
     python bench/gpu_check.py --device cuda --json gpu_check.json
 """
@@ -24,6 +25,7 @@ import logging
 import shutil
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -121,39 +123,48 @@ def goal(kind: str, what: str, value, target: str, passed: bool | None, note: st
             "status": "skipped" if passed is None else "pass" if passed else "FAIL"}
 
 
-def goal_rows(args, results: dict) -> list[dict]:
-    build, train = results["build"], results["train"]
+def build_goals(args, build: dict) -> list[dict]:
     forward_rate = args.samples / C.median(build["times_s"]["teacher forward only"])
     loop = {name: C.median([s["loop_samples_per_s"] for s in seen]) / forward_rate
             for name, seen in build["inside_builds"].items()}
     best = max(loop, key=loop.get)
+    return [goal("speed", "build teacher pass / bare forward", loop[best], ">= 0.95", loop[best] >= 0.95,
+                 f"{best}; end to end, model creation included: {build['ratios_vs_forward'][best]:.3f}")]
+
+
+def train_goals(args, train: dict) -> list[dict]:
     times = train["times_s"]
     a, b, c = times["(a) student-only step"], times["(b) cached KD step"], times["(c) live KD step"]
     cached, live = C.paired_ratio(b, a), C.paired_ratio(c, b)
     predicted = C.median([1 + t / s for t, s in zip(times["teacher forward (live targets)"], b)])
     loader, step = (args.batch_size / C.median(t) for t in (train["loader_alone_s"], b))
-    store_cos = min(results["agreement"]["store"].values())
     target_cos = min(train["target_agreement_min_cosine"].values())
-    faiss = results["retrieval"]
-    faiss_gpu = "faiss flat gpu" in faiss.get("seconds", {})
     return [
-        goal("speed", "build teacher pass / bare forward", loop[best], ">= 0.95", loop[best] >= 0.95,
-             f"{best}; end to end, model creation included: {build['ratios_vs_forward'][best]:.3f}"),
         goal("speed", "cached KD step / student-only step", cached, "<= 1.05", cached <= 1.05),
         goal("speed", "live KD step / cached KD step", live,
              f"1 + teacher / cached step = {predicted:.3f} (+-{LIVE_TOLERANCE:.0%})",
              abs(live / predicted - 1) <= LIVE_TOLERANCE),
         goal("speed", "DataLoader alone / cached KD step, samples/s", loader / step, ">= 1", loader >= step,
              f"{args.train_workers} workers: {loader:.4g} vs {step:.4g} samples/s"),
-        goal("agreement", f"store on {args.device} vs on cpu, min cosine", store_cos, f">= {MIN_COSINE}",
-             store_cos >= MIN_COSINE, "image and text embeddings, every row"),
         goal("agreement", "cached vs live targets, min cosine", target_cos, f">= {MIN_COSINE}",
              target_cos >= MIN_COSINE, f"one batch, on {args.device}"),
-        goal("agreement", "FAISS flat recall, GPU == CPU", faiss["equal"] if faiss_gpu else None, "equal",
-             faiss["equal"] if faiss_gpu else None,
-             f"{args.faiss_captions} captions" if faiss_gpu else faiss.get("skipped", "no FAISS search on a GPU "
-                                                                          "(--device cpu, or faiss without GPU)")),
     ]
+
+
+def agreement_goals(args, agreement: dict) -> list[dict]:
+    store_cos = min(agreement.values())
+    return [goal("agreement", f"store on {args.device} vs on cpu, min cosine", store_cos, f">= {MIN_COSINE}",
+                 store_cos >= MIN_COSINE, "image and text embeddings, every row")]
+
+
+def retrieval_goals(args, faiss: dict) -> list[dict]:
+    on_gpu = "faiss flat gpu" in faiss.get("seconds", {})
+    why_not = faiss.get("skipped", "no FAISS search on a GPU (--device cpu, or faiss without GPU)")
+    return [goal("agreement", "FAISS flat recall, GPU == CPU", faiss["equal"] if on_gpu else None, "equal",
+                 faiss["equal"] if on_gpu else None, f"{args.faiss_captions} captions" if on_gpu else why_not)]
+
+
+GOALS = {"build": build_goals, "train": train_goals, "agreement": agreement_goals, "retrieval": retrieval_goals}
 
 
 def main() -> None:
@@ -167,37 +178,45 @@ def main() -> None:
     print(f"/dev/shm: {results['dev_shm_bytes']} bytes")
     logging.getLogger("kd-cache").setLevel(logging.WARNING)
     section_s = results["section_s"] = {}
-    started = time.perf_counter()
+    goals = results["goals"] = []
+    run_started = time.perf_counter()
 
-    def done(section: str) -> None:
-        section_s[section] = time.perf_counter() - started - sum(section_s.values())
-        print(f"\n[{section}: {section_s[section]:.1f} s]")
+    def section(name: str, measure) -> object:
+        """Run one step, `measure(results[name])`, which fills that dict. An error is recorded as the step's goal
+        and the next steps still run (one device try should tell as much as it can); the JSON is rewritten
+        after each step, so a run cut short keeps what it measured."""
+        started, results[name] = time.perf_counter(), {}
+        try:
+            value = measure(results[name])
+            goals.extend(GOALS[name](args, results[name]))
+        except Exception as e:  # noqa: BLE001 - reported as the step's result, with its traceback
+            value = None
+            results[name] = {"error": traceback.format_exc()}
+            goals.append(goal("error", f"{name} step", None, "runs", False, f"{type(e).__name__}: {e}"[:200]))
+            print(results[name]["error"])
+        section_s[name] = time.perf_counter() - started
+        print(f"\n[{name}: {section_s[name]:.1f} s]")
+        C.write_json(args.json, results)
+        return value
 
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         tmp = Path(tmp)
         train = train_args(args)
         args.samples = max(args.samples, bench_train.corpus_samples(train))
-        build = build_args(args)
         data = C.make_corpus(tmp / "corpus", args.samples, args.image_size)
-        done("corpus")
-        results["build"] = {}
-        store = bench_build.measure(build, data, tmp, results["build"])
-        done("build")
-        results["train"] = {}
-        bench_train.measure(train, data, store, tmp, results["train"])
-        done("train")
-        results["agreement"] = {"store": device_vs_cpu_store(args, tmp)}
-        done("agreement")
-        results["retrieval"] = faiss_flat(args)
-        done("retrieval")
-    goals = results["goals"] = goal_rows(args, results)
+        store = section("build", lambda out: bench_build.measure(build_args(args), data, tmp, out))
+        if store is not None:
+            section("train", lambda out: bench_train.measure(train, data, store, tmp, out))
+        else:
+            goals.append(goal("error", "train step", None, "runs", False, "not run: it trains on the build's store"))
+        section("agreement", lambda out: out.update(device_vs_cpu_store(args, tmp)))
+        section("retrieval", lambda out: out.update(faiss_flat(args)))
     C.print_table(["goal", "value", "target", "status", "note"],
                   [[g["goal"], "" if g["value"] is None else g["value"], g["target"], g["status"], g["note"]]
-                   for g in goals], f"goals ({sum(section_s.values()):.0f} s in all)")
-    C.write_json(args.json, results)
-    failed = [g["goal"] for g in goals if g["kind"] == "agreement" and g["status"] == "FAIL"]
+                   for g in goals], f"goals ({time.perf_counter() - run_started:.0f} s in all)")
+    failed = [g["goal"] for g in goals if g["kind"] in ("agreement", "error") and g["status"] == "FAIL"]
     if failed:
-        raise SystemExit(f"agreement checks failed: {'; '.join(failed)}")
+        raise SystemExit(f"failed: {'; '.join(failed)}")
 
 
 if __name__ == "__main__":

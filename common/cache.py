@@ -34,13 +34,15 @@ CHECKSUM = (Crc32cCodec(),)
 PROVENANCE_KEYS = ("format_version", "teacher", "corpus", "build")
 # Attributes that shape the targets: hashed into `content_hash`, checked on every open.
 CONTENT_KEYS = PROVENANCE_KEYS + ("embed_dim", "teacher_logit_scale", "grad_scale")
+# hashed only when set, so that stores written before they existed keep their hash (a softmax teacher has no bias)
+OPTIONAL_CONTENT_KEYS = ("teacher_logit_bias",)
 # Several teachers share the rows, views and gradient batches: the build's teacher ("main") has its arrays at the
 # root, each teacher added later (`kd-cache add-teacher`) the same arrays under teachers/<name>/, with its own
 # attributes overriding the root's TEACHER_ATTRS.
 MAIN_TEACHER = "main"
 TEACHERS = "teachers"
 TEACHER_ARRAYS = frozenset({"image_emb", "text_emb", "image_grad", "text_grad", "caption_text_emb", "blocks_done"})
-TEACHER_ATTRS = ("teacher", "embed_dim", "teacher_logit_scale", "grad_scale")
+TEACHER_ATTRS = ("teacher", "embed_dim", "teacher_logit_scale", "teacher_logit_bias", "grad_scale")
 TEACHER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 CAPTIONS = "captions"  # synthetic captions: captions/text (N, C) strings; teachers' embeddings in caption_text_emb
 
@@ -50,7 +52,9 @@ class CacheError(ValueError):
 
 
 def content_hash(attrs: dict) -> str:
-    return hashlib.sha256(json.dumps({k: attrs.get(k) for k in CONTENT_KEYS}, sort_keys=True).encode()).hexdigest()
+    content = {k: attrs.get(k) for k in CONTENT_KEYS} | {
+        k: attrs[k] for k in OPTIONAL_CONTENT_KEYS if attrs.get(k) is not None}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def provenance_diff(stored: dict, wanted: dict, keys=PROVENANCE_KEYS) -> list[str]:
@@ -192,7 +196,7 @@ class CacheStore:
         if teacher != MAIN_TEACHER:
             self.teacher_group = self._added_teacher(teacher)
             own = dict(self.teacher_group.attrs)
-            self.attrs = self.attrs | {k: own[k] for k in TEACHER_ATTRS} | {"content_hash": own["content_hash"]}
+            self.attrs = self.attrs | {k: own.get(k) for k in TEACHER_ATTRS} | {"content_hash": own["content_hash"]}
             if own["content_hash"] != content_hash(self.attrs):
                 raise CacheError(f"cache {self.path}: teacher {teacher}'s attributes were changed after it was "
                                  f"added (content hash mismatch): add it again under another name")
@@ -244,6 +248,12 @@ class CacheStore:
     @property
     def teacher_logit_scale(self) -> float:
         return float(self.attrs["teacher_logit_scale"])
+
+    @property
+    def teacher_logit_bias(self) -> float | None:
+        """A sigmoid-loss teacher's bias (its gradients are those of the sigmoid loss); None for softmax CLIP."""
+        bias = self.attrs.get("teacher_logit_bias")
+        return None if bias is None else float(bias)
 
     @property
     def dtype(self) -> str:

@@ -14,18 +14,13 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from open_clip import CoCa
 
+from common.families import is_captioner
 from common.models import LoadedCLIP
 
 TOP_P = 0.9  # the nucleus: the smallest set of tokens holding 90% of the probability mass
 TEMPERATURE = 1.0  # the decoder's own distribution, neither sharpened nor flattened
 MIN_TOKENS = 4  # tokens drawn before the end-of-text marker may be (open_clip's min_seq_len 5 counts the start)
-
-
-def is_captioner(model: torch.nn.Module) -> bool:
-    """An open_clip CoCa: the CLIP towers plus a text decoder that writes captions (config with `multimodal_cfg`)."""
-    return isinstance(model, CoCa)
 
 
 def _nucleus_sample(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -1,4 +1,6 @@
-"""The symmetric CLIP loss and its exact gradient w.r.t. the normalised embeddings (the GD target)."""
+"""The teachers' and students' own contrastive losses and their exact gradients w.r.t. the normalised embeddings
+(the GD target): the symmetric softmax CLIP loss, and the sigmoid (SigLIP) loss of models with a logit bias.
+`contrastive_loss` / `contrastive_loss_grads` pick the one a model was trained with: sigmoid when it has a bias."""
 from __future__ import annotations
 
 import torch
@@ -30,3 +32,35 @@ def clip_loss_grads(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
     g_img = 0.5 * scale * (p_i2t @ text + p_t2i.t() @ text) / batch
     g_txt = 0.5 * scale * (p_i2t.t() @ image + p_t2i @ image) / batch
     return g_img, g_txt
+
+
+def sigmoid_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor | float,
+                 bias: torch.Tensor | float) -> torch.Tensor:
+    """SigLIP: L = -(1/B) sum_ij log sigmoid(y_ij (c I_i·T_j + b)), y = 2 Id - 1 (open_clip's `SigLipLoss` on the
+    whole batch; on several ranks it gives the same gradients, summed over ranks' image rows)."""
+    logits = scale * image @ text.t() + bias
+    labels = 2 * torch.eye(image.shape[0], device=image.device, dtype=logits.dtype) - 1
+    return -F.logsigmoid(labels * logits).sum() / image.shape[0]
+
+
+def sigmoid_loss_grads(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor | float,
+                       bias: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closed-form dL/dI and dL/dT of `sigmoid_loss` (differentiable), in float32:
+    G = dL/dZ = -(1/B) y ⊙ sigmoid(-y ⊙ Z), Z = c I Tᵀ + b;  g_img = c G T,  g_txt = c Gᵀ I."""
+    image, text = image.float(), text.float()
+    logits = scale * image @ text.t() + bias
+    labels = 2 * torch.eye(image.shape[0], device=image.device, dtype=image.dtype) - 1
+    g = -labels * torch.sigmoid(-labels * logits) / image.shape[0]
+    return scale * g @ text, scale * g.t() @ image
+
+
+def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor | float,
+                     bias: torch.Tensor | float | None = None) -> torch.Tensor:
+    """The loss a model with this scale and bias trains with: `sigmoid_loss` with a bias, else `clip_loss`."""
+    return clip_loss(image, text, scale) if bias is None else sigmoid_loss(image, text, scale, bias)
+
+
+def contrastive_loss_grads(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor | float,
+                           bias: torch.Tensor | float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact gradients of `contrastive_loss`."""
+    return clip_loss_grads(image, text, scale) if bias is None else sigmoid_loss_grads(image, text, scale, bias)

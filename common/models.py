@@ -5,16 +5,25 @@
 path to an open_clip-style config JSON (registered with open_clip under the file's stem, so that
 ``open_clip.create_model_and_transforms(stem, pretrained=ckpt)`` works for our checkpoints too).
 
+A hub model, ``hf-hub:org/repo`` or ``local-dir:/path`` (open_clip's layout: ``open_clip_config.json`` with
+``model_cfg`` and ``preprocess_cfg``, weights, tokenizer files), brings its config, weights, preprocessing and
+tokenizer, as open_clip loads it (``hf-hub:`` reads the Hugging Face cache, so it works offline once downloaded).
+A ``local-dir:`` path is recorded absolute, so another process resolves it.
+
 `--pretrained` takes an open_clip pretrained tag (downloads: needs network) or a local checkpoint file: a plain
-state_dict or a dict with ``state_dict``, loaded with ``weights_only=True``.
+state_dict or a dict with ``state_dict``, loaded with ``weights_only=True``. A tag whose pretrained config says
+``quick_gelu`` (OpenAI's weights) builds the QuickGELU model, as ``ViT-B-16-quickgelu`` would, and the recorded
+config says so: open_clip itself would only warn and load QuickGELU weights into a GELU model.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +34,8 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from open_clip.transformer import MultimodalTransformer
 import torch
 
+from common.families import ModelInfo, describe
+
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(CONFIG_DIR)
 
@@ -33,8 +44,39 @@ class ModelError(ValueError):
     """A model name, config file or checkpoint that cannot be used, with what to do about it."""
 
 
+HUB_SCHEMAS = ("hf-hub:", "local-dir:")
+
+
+def is_hub_model(name: str) -> bool:
+    return str(name).startswith(HUB_SCHEMAS)
+
+
+def _resolve_hub_model(name: str) -> str:
+    """'local-dir:PATH' with PATH made absolute, or 'hf-hub:ID'; checked to hold an open_clip model config."""
+    schema, _, where = name.partition(":")
+    if schema == "local-dir":
+        path = Path(where).expanduser().resolve()
+        config = path / "open_clip_config.json"
+        if not config.is_file():
+            raise ModelError(f"{name}: {config} does not exist; a local-dir: model is a folder in open_clip's hub "
+                             f"layout (open_clip_config.json with model_cfg and preprocess_cfg, and its weights)")
+        name = f"local-dir:{path}"
+    try:
+        config = open_clip.get_model_config(name)
+    except Exception as e:  # noqa: BLE001 - hub look-ups fail in many ways (offline, missing repo, bad JSON)
+        raise ModelError(f"{name}: cannot read its open_clip_config.json ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); offline, download it first or give a "
+                         f"local-dir: path") from e
+    if not isinstance(config, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(config):
+        raise ModelError(f"{name}: its open_clip_config.json has no open_clip model_cfg")
+    return name
+
+
 def resolve_model_name(name_or_config: str) -> str:
-    """Register a config JSON with open_clip if given one; return the open_clip model name."""
+    """Register a config JSON with open_clip if given one; return the open_clip model name (hub names checked,
+    local-dir: paths made absolute)."""
+    if is_hub_model(name_or_config):
+        return _resolve_hub_model(str(name_or_config))
     path = Path(name_or_config)
     if str(name_or_config).endswith(".json") or path.is_file():
         if not path.is_file():
@@ -57,6 +99,20 @@ def resolve_model_name(name_or_config: str) -> str:
 
 def model_config(name: str) -> dict:
     return open_clip.get_model_config(resolve_model_name(name))
+
+
+def tag_wants_quick_gelu(name: str, pretrained: str | None) -> bool:
+    """A pretrained tag trained with QuickGELU (OpenAI's) on a config without it: build it with QuickGELU."""
+    if not pretrained or is_hub_model(name) or Path(pretrained).exists():
+        return False
+    tag = open_clip.get_pretrained_cfg(name, pretrained) or {}
+    return bool(tag.get("quick_gelu")) and not open_clip.get_model_config(name).get("quick_gelu", False)
+
+
+def effective_config(name: str, pretrained: str | None) -> dict:
+    """The model config open_clip builds for (name, pretrained): the registered one, QuickGELU as the tag says."""
+    config = open_clip.get_model_config(name)
+    return config | {"quick_gelu": True} if tag_wants_quick_gelu(name, pretrained) else config
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -126,6 +182,17 @@ class LoadedCLIP:
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.detach().exp().item())
 
+    @property
+    def logit_bias(self) -> float | None:
+        """A sigmoid-loss (SigLIP) model's learned bias b in s I Tᵀ + b; None for a softmax CLIP."""
+        bias = getattr(self.model, "logit_bias", None)
+        return None if bias is None else float(bias.detach().item())
+
+    @functools.cached_property
+    def info(self) -> ModelInfo:
+        """Its towers as measured (`common.families.describe`)."""
+        return describe(self.model)
+
     def autocast(self):
         """fp16 autocast on GPU (as the cache is built), nothing on CPU."""
         device = next(self.model.parameters()).device
@@ -167,11 +234,21 @@ def initialize_left_empty(model: torch.nn.Module) -> None:
 
 
 def _open_clip_model(name: str, pretrained: str | None) -> torch.nn.Module:
-    """The fp32 model on the CPU: from an open_clip pretrained tag, or random init (seeded) + a local checkpoint."""
-    if pretrained and not Path(pretrained).exists():
+    """The fp32 model on the CPU: from an open_clip pretrained tag, from a hub model's own weights, or random init
+    (seeded) + a local checkpoint."""
+    if is_hub_model(name) and not pretrained:
+        with torch.random.fork_rng():  # a hub folder without weights is a reproducible random init
+            torch.manual_seed(0)
+            try:
+                model = open_clip.create_model(name, device="cpu", weights_only=True, pretrained_text=False)
+            except Exception as e:  # noqa: BLE001 - re-raised with what to do
+                raise ModelError(f"could not load {name}: {type(e).__name__}: {e}") from e
+            initialize_left_empty(model)
+    elif pretrained and not Path(pretrained).exists():
         # an open_clip tag: open_clip resolves (and may download) it
         try:
-            model = open_clip.create_model(name, pretrained=pretrained, device="cpu", weights_only=True)
+            model = open_clip.create_model(name, pretrained=pretrained, device="cpu", weights_only=True,
+                                           force_quick_gelu=tag_wants_quick_gelu(name, pretrained))
         except Exception as e:  # noqa: BLE001 - re-raised with what to do
             raise ModelError(
                 f"could not load pretrained {pretrained!r} for {name}: {e}. Offline, pass a local checkpoint "
@@ -180,19 +257,29 @@ def _open_clip_model(name: str, pretrained: str | None) -> torch.nn.Module:
         # a random-init model is reproducible (its fingerprint identifies it)
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            model = open_clip.create_model(name, device="cpu")
+            model = open_clip.create_model(name, device="cpu", load_weights=False, pretrained_text=False)
             initialize_left_empty(model)
         if pretrained:
             load_weights(model, pretrained)
     return model
 
 
+def _tokenizer(name: str) -> Callable:
+    """open_clip's tokenizer for the model (a hub model's own, a Hugging Face one where its config names one)."""
+    try:
+        return open_clip.get_tokenizer(name)
+    except Exception as e:  # noqa: BLE001 - tokenizers fail in many ways offline (missing files, no network)
+        raise ModelError(f"could not load the tokenizer of {name}: {type(e).__name__}: {str(e).splitlines()[0]}. "
+                         f"Offline, a Hugging Face tokenizer must be in the Hugging Face cache (HF_HOME) or in the "
+                         f"local-dir: folder") from e
+
+
 def create_clip(name_or_config: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> LoadedCLIP:
     """Build an open_clip model (fp32) with its eval preprocessing and tokenizer, and fingerprint its weights."""
     name = resolve_model_name(name_or_config)
     with quiet_open_clip():
-        model, tokenizer = _open_clip_model(name, pretrained), open_clip.get_tokenizer(name)
-    model.to(device)
+        model, tokenizer = _open_clip_model(name, pretrained), _tokenizer(name)
+    model.to(device).eval()  # inference mode (BatchNorm running stats, no dropout); a trainer sets train()
     preprocess_cfg = dict(model.visual.preprocess_cfg)
     preprocess = image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=False)
     return LoadedCLIP(
@@ -200,7 +287,7 @@ def create_clip(name_or_config: str, pretrained: str | None = None, device: str 
         model=model,
         preprocess=preprocess,
         tokenizer=tokenizer,
-        config=open_clip.get_model_config(name),
+        config=effective_config(name, pretrained),
         pretrained=str(pretrained) if pretrained else None,
         fingerprint=weights_fingerprint(model),
         preprocess_cfg={k: list(v) if isinstance(v, tuple) else v for k, v in preprocess_cfg.items()},
@@ -224,12 +311,18 @@ def clip_from_provenance(provenance: dict, pretrained: str | None = None, device
     """Rebuild the exact teacher a cache was built with (its config is stored, so a config file need not exist),
     and check its weights' fingerprint. `pretrained` overrides a stored checkpoint path that moved."""
     name, config = provenance["model"], provenance["config"]
-    if open_clip.get_model_config(name) != config:
+    weights = pretrained or provenance.get("pretrained")
+    try:
+        registered = effective_config(name, weights) if is_hub_model(name) or open_clip.get_model_config(name) \
+            else None
+    except Exception as e:  # noqa: BLE001 - a hub folder that moved, a hub id not in the cache
+        raise ModelError(f"the teacher {name} (recorded in the cache) cannot be read here: {e}; make it "
+                         f"available at that place (download it, or restore the folder)") from e
+    if registered != config:
         config_dir = Path(tempfile.mkdtemp(prefix="kd-teacher-config-"))
-        path = config_dir / f"{name}.json"
+        path = config_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.json"
         path.write_text(json.dumps(config))
         name = resolve_model_name(str(path))
-    weights = pretrained or provenance.get("pretrained")
     if weights and not Path(weights).exists() and Path(weights).suffix in (".pt", ".pth", ".bin", ".safetensors"):
         raise ModelError(f"the teacher's weights {weights} (recorded in the cache) are not there: pass the "
                          f"checkpoint's new path with --teacher-pretrained")

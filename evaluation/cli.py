@@ -12,7 +12,7 @@ from common.cache import MAIN_TEACHER, CacheStore
 from common.corpus import ON_ERROR_CHOICES, Corpus
 from common.errors import (NON_NEGATIVE, POSITIVE, DataPatternGroup, check_device, reported_errors,
                            run_reporting_errors)
-from common.models import create_clip
+from common.models import create_clip, is_hub_model
 from common.retrieval import retrieval_metrics, without_aliases
 from common.zeroshot import format_table, read_classnames, result_json, templates_for, zeroshot_metrics
 from evaluation.compare import (RANDOM_INIT, RETRIEVAL_TASK, ZEROSHOT_TASK, Entry, ZeroshotTask, compare,
@@ -47,7 +47,8 @@ def write_json(result: dict, output: str | None) -> None:
 def model_options(fn):
     """The options every single-model command shares."""
     for option in reversed([
-        click.option("--model", default=None, help="open_clip model name or model config JSON"),
+        click.option("--model", default=None, help="open_clip model name, model config JSON, or hub model "
+                                                   "(hf-hub:ORG/REPO, local-dir:PATH)"),
         click.option("--checkpoint", type=EXISTING_FILE, default=None,
                      help="local weights (state_dict or {'state_dict': ...}, e.g. a kd-train student.pt)"),
         click.option("--random-weights", is_flag=True,
@@ -71,9 +72,9 @@ def require_weights(kwargs: dict) -> None:
     if random_weights and (kwargs["checkpoint"] or kwargs.get("cache")):
         raise click.UsageError(f"--random-weights and {'--cache' if kwargs.get('cache') else '--checkpoint'} "
                                f"exclude each other")
-    if not (random_weights or kwargs["checkpoint"] or kwargs.get("cache")):
+    if not (random_weights or kwargs["checkpoint"] or kwargs.get("cache") or is_hub_model(kwargs["model"] or "")):
         raise click.UsageError("give --checkpoint (the model's weights), or --random-weights to evaluate the "
-                               "randomly initialised model")
+                               "randomly initialised model (an hf-hub: or local-dir: model brings its own weights)")
 
 
 @click.group(cls=DataPatternGroup)

@@ -41,10 +41,10 @@ def slug(name: str) -> str:
 
 
 def evaluate(runs: dict[str, Path], teacher_ckpt: Path, corpus: Path, out: Path, device: str,
-             other_models: tuple[str, ...] = ()) -> dict:
+             other_models: tuple[str, ...] = (), student: str = STUDENT) -> dict:
     """One `kd-eval compare` over the teacher, `other_models` (NAME=CONFIG:CKPT) and every run (each model
     encoded once): retrieval on val, zero-shot acc1, and each student's alignment (linear CKA) to the teacher."""
-    entries = [f"teacher={TEACHER}:{teacher_ckpt}", *other_models] + [f"{name}={STUDENT}:{run / 'student.pt'}"
+    entries = [f"teacher={TEACHER}:{teacher_ckpt}", *other_models] + [f"{name}={student}:{run / 'student.pt'}"
                                                                        for name, run in runs.items()]
     report = out / "compare.json"
     run_step("evaluation of all runs", cli("kd-eval") + [
@@ -76,23 +76,26 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="student epochs (default: the demo's)")
     parser.add_argument("--rows", nargs="*", default=None, help="only these row names")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--student", default=STUDENT, help="the student model (any family, e.g. kd-demo-rn-student)")
     args = parser.parse_args(argv)
     s = sizes(args.scale)
     corpus, cache = args.demo_out / "corpus", args.demo_out / "teacher_cache.zarr"
     if not (cache / "zarr.json").exists():
         raise SystemExit(f"no teacher cache at {cache}: run `python scripts/demo.py --out {args.demo_out}` first")
     epochs = args.epochs or s["student_epochs"]
-    results, runs = train_rows(ROWS, args, student_data(corpus, s), epochs, cache)
-    metrics = evaluate(runs, args.demo_out / "teacher" / "student.pt", corpus, args.out, args.device)
+    results, runs = train_rows(ROWS, args, student_data(corpus, s), epochs, cache, args.student)
+    metrics = evaluate(runs, args.demo_out / "teacher" / "student.pt", corpus, args.out, args.device,
+                       student=args.student)
     attach_metrics(results, metrics)
-    write_report(args.out, results, metrics["teacher"], len(args.seeds), epochs)
+    write_report(args.out, results, metrics["teacher"], len(args.seeds), epochs, student=args.student)
 
 
 def student_data(corpus: Path, s: dict) -> str:
     return str(corpus / "train" / f"{{00000..{s['student_shards'] - 1:05d}}}.tar")
 
 
-def train_rows(rows, args, data: str, epochs: int, cache: Path) -> tuple[list[dict], dict[str, Path]]:
+def train_rows(rows, args, data: str, epochs: int, cache: Path, student: str = STUDENT
+               ) -> tuple[list[dict], dict[str, Path]]:
     """Every (name, losses, options) row for every seed (`args.seeds`, `args.rows`, `args.out`, `args.device`):
     the students' split, the demo's student and recipe; the cache is given whenever a row has a KD loss."""
     results, runs = [], {}
@@ -103,7 +106,7 @@ def train_rows(rows, args, data: str, epochs: int, cache: Path) -> tuple[list[di
         for seed in args.seeds:
             run = args.out / f"{slug(name)}_seed{seed}"
             command = cli("kd-train") + [
-                "--data", data, "--student", STUDENT, "--losses", losses, "--out", run,
+                "--data", data, "--student", student, "--losses", losses, "--out", run,
                 "--epochs", epochs, "--batch-size", 128, "--lr", "1e-3", "--warmup", 100, "--seed", seed,
                 "--workers", 1, "--log-every", 20, "--device", args.device, *options,
                 *(["--cache", cache] if losses != "task" else [])]
@@ -123,13 +126,13 @@ def attach_metrics(results: list[dict], metrics: dict) -> None:
 
 
 def write_report(out: Path, results: list[dict], teacher: dict, n_seeds: int, epochs: int, name: str = "ablation",
-                 teachers: dict[str, dict] | None = None) -> list[str]:
+                 teachers: dict[str, dict] | None = None, student: str = STUDENT) -> list[str]:
     """`<out>/<name>.md` and `.json`: a row per configuration (mean ± std over seeds), a row per teacher."""
     out.mkdir(parents=True, exist_ok=True)
     teachers = teachers or {"teacher": teacher}
     (out / f"{name}.json").write_text(json.dumps({"teachers": teachers, "rows": results}, indent=2))
     head = ["row", *METRICS, "image CKA", "text CKA", "s / run"]
-    lines = [f"Student {STUDENT}, teacher {TEACHER}; {epochs} epochs; mean ± std over {n_seeds} seeds (percent; "
+    lines = [f"Student {student}, teacher {TEACHER}; {epochs} epochs; mean ± std over {n_seeds} seeds (percent; "
              f"CKA = linear CKA of the student's val embeddings with the teacher's).",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += [f"| {t} | " + " | ".join(f"{100 * m[k]:.1f}" for k in METRICS) + " | – | – | – |"

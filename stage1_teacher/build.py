@@ -29,7 +29,7 @@ from common import dist
 from common.cache import (CAPTIONS, CHUNK_ROWS, DTYPES, FORMAT_VERSION, MAIN_TEACHER, TEACHER_ATTRS, TEACHER_NAME, TEACHERS,
                           CacheError, create_store, create_teacher_group, dequantize, grad_slots, open_group,
                           provenance_diff, quantize, store_index, teacher_group)
-from common.contrastive import clip_loss_grads
+from common.contrastive import contrastive_loss_grads
 from common.corpus import Corpus
 from common.models import LoadedCLIP, create_clip
 from common.storage import exists, join, remove_tree
@@ -103,6 +103,7 @@ def store_attrs(opts: BuildOptions, teacher: LoadedCLIP, corpus: Corpus) -> dict
         },
         "embed_dim": teacher.embed_dim,
         "teacher_logit_scale": teacher.logit_scale,
+        "teacher_logit_bias": teacher.logit_bias,
         "grad_scale": opts.grad_batch / teacher.logit_scale if opts.grads else None,
     }
 
@@ -174,9 +175,9 @@ class WindowWriter:
     teacher must see the same rows)."""
 
     def __init__(self, root: zarr.Group, group: zarr.Group, opts: BuildOptions, embed_dim: int, scale: float,
-                 grad_scale: float | None, windows: dict[int, np.ndarray], device: str):
+                 bias: float | None, grad_scale: float | None, windows: dict[int, np.ndarray], device: str):
         self.root, self.group, self.opts, self.embed_dim, self.device = root, group, opts, embed_dim, device
-        self.scale, self.grad_scale = scale, grad_scale
+        self.scale, self.bias, self.grad_scale = scale, bias, grad_scale
         self.window_of = {int(b): w for w, blocks in windows.items() for b in blocks}
         self.windows = windows
         self.blocks: dict[int, dict] = {}
@@ -245,7 +246,7 @@ class WindowWriter:
                              f"shards or their readability changed since): rebuild the store for this data")
 
     def gradients(self, window: int, blocks, bufs, stored_image, stored_text):
-        """Teacher gradients of the symmetric CLIP loss over the window's gradient batches, from the stored values,
+        """Teacher gradients of its own loss (softmax CLIP, or sigmoid with a logit bias) over the window's gradient batches, from the stored values,
         written as g * grad_scale in fp16 (O(1) values). Also writes the window's chunk of `grad_batches`."""
         rows = np.concatenate([int(b) * self.opts.chunk_rows + np.arange(len(buf["valid"]))
                                for b, buf in zip(blocks, bufs)])
@@ -257,7 +258,8 @@ class WindowWriter:
         for batch in batches:  # rows ascend (sorted blocks), so a row's position is a binary search away
             idx = torch.from_numpy(np.searchsorted(rows, batch[batch >= 0])).to(self.device)
             if len(idx):
-                image_grad[idx], text_grad[idx] = clip_loss_grads(image[idx], text[idx], self.scale)
+                image_grad[idx], text_grad[idx] = contrastive_loss_grads(image[idx], text[idx], self.scale,
+                                                                              self.bias)
         self.shared("grad_batches", slice(window * self.slots, (window + 1) * self.slots), batches)
         cut = np.cumsum([len(buf["valid"]) for buf in bufs])[:-1]
         to_stored = lambda g: np.split((g * self.grad_scale).cpu().numpy().astype(np.float16), cut)  # noqa: E731
@@ -344,7 +346,6 @@ def build_cache(opts: BuildOptions) -> str:
         opts = opts.inherit(stored["build"], stored.get("options", {}))
     corpus = Corpus.open(opts.data, on_error=opts.on_error, known=[known] if known else [])
     teacher = create_clip(opts.teacher, opts.pretrained, device=device)
-    teacher.model.eval()
     attrs = store_attrs(opts, teacher, corpus)
 
     decision: tuple[str, str] = ("ok", "")
@@ -371,7 +372,8 @@ def build_cache(opts: BuildOptions) -> str:
     loader = DataLoader(dataset, batch_size=None, num_workers=opts.workers,
                         pin_memory=device.startswith("cuda"), prefetch_factor=4 if opts.workers else None,
                         persistent_workers=False)
-    writer = WindowWriter(root, group, opts, teacher.embed_dim, attrs["teacher_logit_scale"], attrs["grad_scale"],
+    writer = WindowWriter(root, group, opts, teacher.embed_dim, attrs["teacher_logit_scale"],
+                          attrs["teacher_logit_bias"], attrs["grad_scale"],
                           mine, device)
     errors: list[str] = []
     start_time = time.perf_counter()

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from common.cache import CAPTIONS, MAIN_TEACHER, CacheError, CacheStore, dequantize, join_to_cache, provenance_diff, read_chunked
-from common.contrastive import clip_loss_grads
+from common.contrastive import contrastive_loss_grads
 from common.corpus import Corpus
 from common.models import clip_from_provenance, named_weights
 from common.storage import filesystem
@@ -43,6 +43,8 @@ def store_summary(path: str) -> dict:
         "pretrained": teacher["pretrained"],
         "weights fingerprint": teacher["fingerprint"][:16],
         "teacher logit scale": round(store.teacher_logit_scale, 4),
+        "teacher logit bias": ("none (softmax CLIP loss)" if store.teacher_logit_bias is None
+                               else f"{store.teacher_logit_bias:.4f} (sigmoid loss)"),
         "open_clip version": teacher["open_clip_version"],
         "shards": len(attrs["corpus"]["shards"]),
         "grad batches": f"{grads.shape[0]} slots x {attrs['build']['grad_batch']}" if grads is not None else "none",
@@ -62,7 +64,8 @@ def teacher_line(store: CacheStore, name: str, state: str) -> str:
     teacher = view.attrs["teacher"]
     captions = ", captions embedded" if view.has("caption_text_emb") else ""
     return (f"{name} = {teacher['model']} {teacher['fingerprint'][:12]} (D {view.embed_dim}, "
-            f"scale {view.teacher_logit_scale:.2f}{captions})")
+            f"scale {view.teacher_logit_scale:.2f}"
+            f"{'' if view.teacher_logit_bias is None else f', bias {view.teacher_logit_bias:.2f}'}{captions})")
 
 
 def captions_line(store: CacheStore) -> str:
@@ -179,7 +182,7 @@ def verify_teacher(store: CacheStore, corpus: Corpus, sample: int, pretrained: s
     image = dequantize(store.rows("image_emb", batch))
     image = torch.from_numpy(image[:, 0] if store.views else image)
     text = torch.from_numpy(dequantize(store.rows("text_emb", batch)))
-    g_img, g_txt = clip_loss_grads(image, text, store.teacher_logit_scale)
+    g_img, g_txt = contrastive_loss_grads(image, text, store.teacher_logit_scale, store.teacher_logit_bias)
     for name, fresh in (("image_grad", g_img), ("text_grad", g_txt)):
         stored = torch.from_numpy(store.to_float(name, store.rows(name, batch)))
         err = float((fresh - stored).abs().max() / fresh.abs().max().clamp_min(1e-12))

@@ -6,9 +6,8 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from common.captioner import is_captioner
+from common.families import check_serves, forward_features
 from common.models import LoadedCLIP
-from stage2_student.features import forward_features
 from stage2_student.losses import Dims, LossSet, StudentOutputs
 
 MAX_LOGIT_SCALE = 100.0
@@ -19,25 +18,36 @@ _FEATURE_OF = {"image_emb": "image_emb", "text_emb": "text_emb", "image_emb_proj
                "caption_logits": "caption_logits", "caption_labels": "caption_logits"}
 
 
-def loss_dims(student: LoadedCLIP, teacher_config: dict | None) -> Dims:
-    """Sizes of student and teacher the losses build their learnable parts from."""
-    s, t = student.config, teacher_config or student.config
+def loss_dims(student: LoadedCLIP, teacher: LoadedCLIP | None, teacher_embed: int | None) -> Dims:
+    """Sizes of student and teacher the losses build their learnable parts from, measured from the built models
+    (`common.families.describe`). Without a live teacher only its embedding width is known (from the cache), which
+    is all that losses on cached targets read."""
+    s = student.info
+    t = teacher.info if teacher is not None else None
     return Dims(
-        student_embed=s["embed_dim"], teacher_embed=t["embed_dim"],
-        student_vision_width=s["vision_cfg"]["width"], teacher_vision_width=t["vision_cfg"]["width"],
-        student_text_width=s["text_cfg"]["width"], teacher_text_width=t["text_cfg"]["width"],
-        student_vision_layers=s["vision_cfg"]["layers"], teacher_vision_layers=t["vision_cfg"]["layers"],
-        student_text_layers=s["text_cfg"]["layers"], teacher_text_layers=t["text_cfg"]["layers"],
+        student_embed=student.embed_dim, teacher_embed=teacher_embed or student.embed_dim,
+        student_vision_width=s.image.token_width, teacher_vision_width=t.image.token_width if t else 0,
+        student_vision_layers=s.image.layer_widths, teacher_vision_layers=t.image.layer_widths if t else (),
+        student_text_layers=s.text.layer_widths, teacher_text_layers=t.text.layer_widths if t else (),
     )
 
 
-def check_student_fits_losses(student: LoadedCLIP, losses: LossSet) -> None:
-    """Refuse, before any training work, losses that read captions from a student that writes none."""
+def check_models_serve_losses(losses: LossSet, student: LoadedCLIP, teachers: dict[str, LoadedCLIP],
+                              sigmoid_teachers: dict[str, bool]) -> None:
+    """Refuse, before any training work, a loss that needs what the student or a live teacher cannot give
+    (attention maps of a CNN, captions of a non-CoCa, ...), or that cannot learn from a sigmoid teacher."""
     for name, cls in losses.classes.items():
-        if cls.student_needs & {"caption_logits", "caption_labels"} and not is_captioner(student.model):
-            raise ValueError(f"--losses {name}: --student {student.name} is a {type(student.model).__name__}, which "
-                             f"writes no captions; give a CoCa student (a config with multimodal_cfg, e.g. "
-                             f"kd-demo-coca) or drop {name!r} from --losses")
+        check_serves(student.info, _features(cls.student_needs), student.name, "student", name)
+        for teacher in teachers.values():
+            check_serves(teacher.info, _features(cls.teacher_needs), teacher.name, "teacher", name)
+        for teacher, sigmoid in sigmoid_teachers.items():
+            if sigmoid and cls.teacher_needs and not cls.sigmoid_teacher:
+                raise ValueError(f"--losses {name}: teacher {teacher} was trained with the sigmoid (SigLIP) loss, "
+                                 f"which {name!r} cannot distil (see its docstring); drop it from --losses")
+
+
+def _features(needs: frozenset[str]) -> frozenset[str]:
+    return frozenset(_FEATURE_OF[n] for n in needs if n in _FEATURE_OF)
 
 
 class TeacherProjection(nn.Module):
@@ -56,6 +66,7 @@ class Student(nn.Module):
     def __init__(self, clip: LoadedCLIP, teacher_embeds: dict[str, int | None]):
         super().__init__()
         self.clip = clip.model
+        self.info = clip.info
         self.projections = nn.ModuleDict({name: TeacherProjection(clip.embed_dim, dim)
                                           for name, dim in teacher_embeds.items()})
 
@@ -68,11 +79,12 @@ class Student(nn.Module):
         """The model's own outputs; `project` adds the projections into a teacher's space (after the gather
         across ranks: a projection is per sample, so projecting the gathered batch gives the same values)."""
         wanted = frozenset(_FEATURE_OF[n] for n in needs if n in _FEATURE_OF) | {"image_emb", "text_emb"}
-        feats = forward_features(self.clip, images, tokens, wanted, mask_ratio)
+        feats = forward_features(self.clip, images, tokens, wanted, mask_ratio, self.info)
         return StudentOutputs(
             image_emb=feats["image_emb"],
             text_emb=feats["text_emb"],
             logit_scale=self.clip.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE),
+            logit_bias=getattr(self.clip, "logit_bias", None),
             masked_image_emb=feats.get("masked_image_emb"),
             image_tokens=feats.get("image_tokens"),
             hidden_states=feats.get("hidden_states"),

@@ -17,9 +17,9 @@ import torch
 from common import dist
 from common.cache import MAIN_TEACHER, CacheError, CacheStore, ChunkedRows, read_chunked
 from common.storage import cache_dir
-from common.contrastive import clip_loss_grads
+from common.contrastive import contrastive_loss_grads
 from common.models import LoadedCLIP
-from stage2_student.features import forward_features
+from common.families import forward_features
 from stage2_student.losses import CACHEABLE_TARGETS, TeacherTargets
 
 MODES = ("auto", "cache", "live")
@@ -65,6 +65,8 @@ class TargetProvider:
         self.chunked = False
         self.logit_scale = cache.teacher_logit_scale if cache is not None else (
             teacher.logit_scale if teacher is not None else None)
+        self.logit_bias = cache.teacher_logit_bias if cache is not None else (
+            teacher.logit_bias if teacher is not None else None)
         if cache is not None and mode != "live":
             wanted = (needs | (optional if grad_batches else frozenset())) & {
                 "image_emb", "text_emb", "image_grad", "text_grad"}
@@ -117,7 +119,7 @@ class TargetProvider:
             image = image[np.arange(len(rows)), batch["view"].numpy()]
         targets = TeacherTargets(
             image_emb=torch.from_numpy(self.cache.to_float("image_emb", image)) if image is not None else None,
-            text_emb=get("text_emb"), logit_scale=self.logit_scale)
+            text_emb=get("text_emb"), logit_scale=self.logit_scale, logit_bias=self.logit_bias)
         caption = batch["caption"].numpy()
         synthetic = np.flatnonzero(caption >= 0)
         if len(synthetic) and targets.text_emb is not None:
@@ -129,8 +131,8 @@ class TargetProvider:
             if bool((batch["view"] == 0).all()) and not len(synthetic):
                 targets.image_grad, targets.text_grad = get("image_grad"), get("text_grad")
             else:  # recompute them exactly for the views and captions served
-                targets.image_grad, targets.text_grad = clip_loss_grads(targets.image_emb, targets.text_emb,
-                                                                        self.logit_scale)
+                targets.image_grad, targets.text_grad = contrastive_loss_grads(
+                    targets.image_emb, targets.text_emb, self.logit_scale, self.logit_bias)
         return targets
 
     def _from_teacher(self, batch: dict) -> TeacherTargets:
@@ -149,6 +151,7 @@ class TargetProvider:
         clone = lambda x: None if x is None else [t.float().clone() for t in x]  # noqa: E731
         return TeacherTargets(
             image_emb=norm(feats["image_emb"]), text_emb=norm(feats["text_emb"]), logit_scale=self.logit_scale,
+            logit_bias=self.logit_bias,
             image_tokens=feats["image_tokens"].float().clone() if "image_tokens" in feats else None,
             hidden_states={k: clone(v) for k, v in feats["hidden_states"].items()} if "hidden_states" in feats else None,
             attentions={k: clone(v) for k, v in feats["attentions"].items()} if "attentions" in feats else None,

@@ -29,8 +29,8 @@ from common.errors import Interrupted, NonFiniteError, as_disk_full
 from common.lock import output_lock
 from common.models import LoadedCLIP, clip_from_provenance, create_clip, model_config, named_weights
 from stage2_student.data import CaptionPolicy, Renderer, TrainBatches, ViewPolicy, shuffled_rows
-from stage2_student.losses import LossSet
-from stage2_student.student import Student, check_student_fits_losses, loss_dims
+from stage2_student.losses import LossSet, loss_classes, teacher_needs_of
+from stage2_student.student import Student, check_models_serve_losses, loss_dims
 from stage2_student.targets import TargetProvider, uncacheable
 
 log = logging.getLogger("kd-train")
@@ -228,9 +228,9 @@ class Trainer:
         self.stores = self.teacher_stores()  # teacher name -> the store seen from that teacher
         configs = ({name: store.attrs["teacher"]["config"] for name, store in self.stores.items()} if self.cache
                    else {MAIN_TEACHER: model_config(opts.teacher) if opts.teacher else None})
-        self.loss_set = LossSet(opts.losses, {name: loss_dims(self.student_clip, c) for name, c in configs.items()})
-        check_student_fits_losses(self.student_clip, self.loss_set)
-        needs, optional = self.loss_set.teacher_needs, self.loss_set.teacher_optional
+        classes = loss_classes(opts.losses)
+        needs = teacher_needs_of(classes.values())
+        optional = frozenset().union(*(cls.teacher_optional for cls in classes.values()))
         if needs and self.cache is None and not (opts.teacher and opts.teacher_targets == "live"):
             raise CacheError(f"--losses {opts.losses} needs teacher targets ({', '.join(sorted(needs))}): "
                              f"give --cache STORE (or --teacher-targets live with --teacher)")
@@ -252,6 +252,12 @@ class Trainer:
                    else "--augment needs stored views, and the cache stores none (build it with --views K)")
             raise CacheError(f"--teacher-targets cache: {why}; use --teacher-targets auto to run the teacher live")
         self.teachers = self.live_teachers() if live_needed else {}
+        self.loss_set = LossSet(opts.losses, {
+            name: loss_dims(self.student_clip, self.teachers.get(name), c["embed_dim"] if c else None)
+            for name, c in configs.items()})
+        sigmoid = ({name: store.teacher_logit_bias is not None for name, store in self.stores.items()} if self.cache
+                   else {name: t.logit_bias is not None for name, t in self.teachers.items()})
+        check_models_serve_losses(self.loss_set, self.student_clip, self.teachers, sigmoid)
         budget = (opts.target_memory_gb * 2**30 if opts.target_memory_gb is not None  # per node
                   else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2)
         self.targets = {name: TargetProvider(opts.teacher_targets, needs, optional, self.stores.get(name),
@@ -321,8 +327,6 @@ class Trainer:
                                  f"({', '.join(self.stores)})")
             teachers = {name: clip_from_provenance(store.attrs["teacher"], weights.get(name), self.device)
                         for name, store in self.stores.items()}
-        for teacher in teachers.values():
-            teacher.model.eval()
         return teachers
 
     def claim_out(self) -> None:

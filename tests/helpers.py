@@ -1,6 +1,7 @@
 """Test helpers shared across test modules: real checkpoints and real subprocess CLI runs."""
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -65,3 +66,43 @@ def assert_stores_equal(a, b, skip=("blocks_done", "index/urls", "index/versions
     for key in ("teacher", "corpus", "build", "embed_dim", "teacher_logit_scale", "grad_scale", "invalid_count",
                 "complete", "content_hash"):
         assert ga.attrs[key] == gb.attrs[key], key
+
+
+def fill_hf_cache(hf_home: Path, repo_id: str, files: dict[str, Path]) -> Path:
+    """Lay `files` into a Hugging Face cache the way a finished `hf_hub_download` leaves them: content-addressed
+    blobs, a snapshot folder of links named by a commit, and refs/main naming that commit. Returns the snapshot."""
+    repo = Path(hf_home) / "hub" / f"models--{repo_id.replace('/', '--')}"
+    contents = {name: Path(path).read_bytes() for name, path in files.items()}
+    commit = hashlib.sha1(b"".join(name.encode() + data for name, data in sorted(contents.items()))).hexdigest()
+    snapshot = repo / "snapshots" / commit
+    for name, data in contents.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def offline_hub_env(hf_home: Path) -> dict:
+    """Environment of a process that reads hub models from `hf_home` only, as on a machine without network."""
+    return {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def save_tiny_hf_tokenizer(folder: Path, words: list[str], max_length: int) -> Path:
+    """A BERT-style word-level tokenizer made with the `tokenizers` package, saved as transformers saves one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    vocab = {token: i for i, token in enumerate(specials + sorted(set(words)))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", model_max_length=max_length)
+    fast.save_pretrained(folder)
+    return folder

@@ -32,6 +32,7 @@ def images(synth_corpus, coca) -> torch.Tensor:
 
 
 def test_captions_are_num_strings_per_image_and_seeded(coca, images):
+    coca.model.train()  # create_clip gives eval mode; a captioner in training (kd-train) gets its mode back
     captions = caption_images(coca, images, num=4, seed=0)
     assert len(captions) == 3 and all(len(per_image) == 4 for per_image in captions)
     assert all(isinstance(c, str) and c.strip() for per_image in captions for c in per_image)
@@ -64,7 +65,7 @@ def test_caption_loss_is_the_cross_entropy_of_the_cocas_own_forward(coca, images
     texts = ["a red square", "a small pink triangle to the left of a medium striped white diamond", "a star"]
     tokens = coca.tokenizer(texts)
     student = Student(coca, {})
-    losses = LossSet("task,caption", loss_dims(coca, None))
+    losses = LossSet("task,caption", loss_dims(coca, None, None))
     outputs = student(images, tokens, losses.student_needs)
     _, terms = losses(outputs, TeacherTargets())
     reference = coca.model(images, tokens)  # open_clip's CoCa forward, as open_clip.loss.CoCaLoss reads it
@@ -83,7 +84,8 @@ def _options(synth_corpus: Path, out: Path, student: str) -> TrainOptions:
 
 
 def test_kd_train_refuses_caption_for_a_student_that_is_not_a_coca(synth_corpus, tmp_path):
-    with pytest.raises(ValueError, match="--losses caption: --student kd-test-student is a CLIP"):
+    with pytest.raises(ValueError, match="--losses caption: the student kd-test-student cannot serve captions: a CLIP "
+                                         "writes none"):
         Trainer(_options(synth_corpus, tmp_path, "kd-test-student"))
 
 

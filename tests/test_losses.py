@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 
 import common.models  # noqa: F401  (registers the kd-test-* configs)
-from common.contrastive import clip_loss, clip_loss_grads
+from common.contrastive import clip_loss, clip_loss_grads, contrastive_loss_grads
 from stage2_student.losses import (LOSSES, Dims, LossSet, LossSpecError, StudentOutputs, TeacherTargets,
                                    parse_loss_spec)
 from stage2_student.losses.cka import linear_cka
 from stage2_student.losses.clip_kd import anchored_grads
 from stage2_student.losses.dlip import _align_attention, attention_kl, map_layers
 from stage2_student.losses._ops import resample_tokens
-from stage2_student.features import forward_features
+from common.families import forward_features
 
 B, DS, DT = 8, 32, 48  # batch, student / teacher embedding widths
 WS, WT = 16, 24  # token widths
@@ -25,7 +25,8 @@ NS, NT, NTXT = 10, 17, 6  # vision tokens (CLS + 3x3 vs CLS + 4x4), text tokens
 VOCAB = 50  # caption logits' vocabulary
 LS, LT, HS, HT = 2, 4, 2, 3  # layers, heads
 
-DIMS = Dims(DS, DT, WS, WT, WS, WT, LS, LT, LS, LT)
+DIMS = Dims(DS, DT, WS, WT, student_vision_layers=(WS,) * LS, teacher_vision_layers=(WT,) * LT,
+            student_text_layers=(WS,) * LS, teacher_text_layers=(WT,) * LT)
 
 
 def leaf(*shape: int) -> torch.Tensor:
@@ -36,8 +37,9 @@ def attention_maps(layers: int, heads: int, tokens: int, grad: bool) -> list[tor
     return [torch.randn(B, heads, tokens, tokens).softmax(-1).requires_grad_(grad) for _ in range(layers)]
 
 
-def make_batch(seed: int = 0, ds: int = DS) -> tuple[StudentOutputs, TeacherTargets]:
-    """Every field filled; student tensors are leaves that require grad, teacher grads cached for this batch."""
+def make_batch(seed: int = 0, ds: int = DS, sigmoid: bool = False) -> tuple[StudentOutputs, TeacherTargets]:
+    """Every field filled; student tensors are leaves that require grad, teacher grads cached for this batch.
+    `sigmoid`: both are SigLIP-style models (a learnable student bias, the teacher's bias and sigmoid grads)."""
     torch.manual_seed(seed)
     student = StudentOutputs(
         image_emb=leaf(B, ds), text_emb=leaf(B, ds), logit_scale=torch.tensor(1 / 0.07).requires_grad_(),
@@ -45,11 +47,13 @@ def make_batch(seed: int = 0, ds: int = DS) -> tuple[StudentOutputs, TeacherTarg
         image_tokens=leaf(B, NS, WS),
         hidden_states={"image": [leaf(B, NS, WS) for _ in range(LS)], "text": [leaf(B, NTXT, WS) for _ in range(LS)]},
         attentions={"image": attention_maps(LS, HS, NS, True), "text": attention_maps(LS, HS, NTXT, True)},
-        caption_logits=leaf(B, NTXT - 1, VOCAB), caption_labels=torch.randint(VOCAB, (B, NTXT - 1)))
+        caption_logits=leaf(B, NTXT - 1, VOCAB), caption_labels=torch.randint(VOCAB, (B, NTXT - 1)),
+        logit_bias=torch.tensor(-10.0).requires_grad_() if sigmoid else None)
     image, text = F.normalize(torch.randn(B, DT), dim=1), F.normalize(torch.randn(B, DT), dim=1)
-    image_grad, text_grad = clip_loss_grads(image, text, 100.0)
+    bias = -10.0 if sigmoid else None
+    image_grad, text_grad = contrastive_loss_grads(image, text, 100.0, bias)
     teacher = TeacherTargets(
-        image_emb=image, text_emb=text, logit_scale=100.0, image_grad=image_grad, text_grad=text_grad,
+        image_emb=image, text_emb=text, logit_scale=100.0, logit_bias=bias, image_grad=image_grad, text_grad=text_grad,
         image_tokens=torch.randn(B, NT, WT),
         hidden_states={"image": [torch.randn(B, NT, WT) for _ in range(LT)],
                        "text": [torch.randn(B, NTXT, WT) for _ in range(LT)]},
@@ -61,15 +65,20 @@ def student_tensors(student: StudentOutputs, fields) -> list[torch.Tensor]:
     out = []
     for f in fields:
         value = getattr(student, f)
+        if value is None:  # optional: a softmax student has no logit_bias
+            continue
         out += [t for ts in value.values() for t in ts] if isinstance(value, dict) else [value]
     return out
 
 
 # ---------------------------------------------------------------- every loss, shared batch
+@pytest.mark.parametrize("sigmoid", [False, True], ids=["softmax", "sigmoid"])
 @pytest.mark.parametrize("name", sorted(LOSSES))
-def test_every_loss_reads_only_what_it_declares_and_backpropagates(name):
+def test_every_loss_reads_only_what_it_declares_and_backpropagates(name, sigmoid):
     cls = LOSSES[name]
-    student, teacher = make_batch()
+    if sigmoid and cls.teacher_needs and not cls.sigmoid_teacher:
+        pytest.skip(f"{name} refuses a sigmoid teacher (test_train_families checks the refusal)")
+    student, teacher = make_batch(sigmoid=sigmoid)
     # fields the loss does not declare: optional ones dropped, required ones poisoned with NaN
     for f in dataclasses.fields(StudentOutputs):
         if f.name not in cls.student_needs:
@@ -100,9 +109,10 @@ def test_spec_weights_defaults_and_needs():
     assert parse_loss_spec("gd:1e8, fd") == [("gd", 1e8), ("fd", None)]  # the official `1e8.` style parses
     losses = LossSet("task,fd,icl:0.5,gd", DIMS)
     assert losses.weights == {"task": 1.0, "fd": 2000.0, "icl": 0.5, "gd": LOSSES["gd"].default_weight}
-    assert losses.teacher_needs == {"image_emb", "text_emb", "logit_scale"}
+    assert losses.teacher_needs == {"image_emb", "text_emb", "logit_scale", "logit_bias"}
     assert losses.teacher_optional == {"image_grad", "text_grad"}
-    assert losses.student_needs == {"image_emb", "text_emb", "logit_scale", "image_emb_proj", "text_emb_proj"}
+    assert losses.student_needs == {"image_emb", "text_emb", "logit_scale", "logit_bias", "image_emb_proj",
+                                    "text_emb_proj"}
     assert not LossSet("task", DIMS).needs_teacher
     assert {p.numel() for p in losses.parameters()} == {1}  # icl's scale; no fusion layers unless afd is asked
 
@@ -311,7 +321,7 @@ def test_dlip_representation_is_differentiable_and_zero_at_the_target():
     dlip(student, teacher).backward()
     assert all(h.grad.abs().sum() > 0 for h in student.hidden_states["image"] + student.hidden_states["text"])
     assert all(lin.weight.grad is not None for lins in dlip.proj.values() for lin in lins)
-    square = Dims(DS, DT, WT, WT, WT, WT, 2, 2, 2, 2)
+    square = Dims(DS, DT, WT, WT, (WT, WT), (WT, WT), (WT, WT), (WT, WT))
     dlip = LOSSES["dlip"](square)
     with torch.no_grad():
         for lin in (lin for lins in dlip.proj.values() for lin in lins):
@@ -338,7 +348,7 @@ def test_attention_kl_zero_for_identical_maps_and_resampling_keeps_distributions
 
 # ---------------------------------------------------------------- real inputs from tiny open_clip models
 def _forward_with_internals(model, image, text) -> dict:
-    """The training loop's own capture (stage2_student.features), reshaped for this test."""
+    """The training loop's own capture (common.families), reshaped for this test."""
     f = forward_features(model, image, text, frozenset({"image_emb", "text_emb", "image_tokens", "hidden_states",
                                                         "attentions"}))
     return {"image_emb": f["image_emb"], "text_emb": f["text_emb"], "tokens": f["image_tokens"],
@@ -370,7 +380,7 @@ def test_all_losses_on_tiny_open_clip_models():
         attentions={"image": t["attn_image"], "text": t["attn_text"]})
     assert student.image_tokens.shape == (4, 10, 32) and teacher.image_tokens.shape == (4, 17, 48)
     assert student.attentions["image"][0].shape == (4, 2, 10, 10) and teacher.attentions["image"][0].shape[1] == 3
-    dims = Dims(32, 48, 32, 48, 32, 48, 2, 2, 2, 2)
+    dims = Dims(32, 48, 32, 48, (32, 32), (48, 48), (32, 32), (48, 48))
     names = sorted(set(LOSSES) - {"caption"})
     losses = LossSet(",".join(names), dims)
     total, terms = losses(student, teacher)

@@ -11,6 +11,10 @@ Several teachers (an ensemble from one store): each loss class says what it does
   Teachers' spaces differ in width and basis, so their embeddings cannot be averaged into one target.
 - "joint": one instance reads all teachers' targets (`forward_teachers`), e.g. CRD's mean similarity distribution.
 Losses that read no teacher target run once.
+
+Sigmoid-loss (SigLIP) models: a teacher's bias b_t comes with its targets (`TeacherTargets.logit_bias`, stored in
+the cache), a student's learnable bias with its outputs (`StudentOutputs.logit_bias`). Each loss's docstring says
+what it does with either; one that cannot serve a sigmoid teacher sets `sigmoid_teacher = False` and is refused.
 """
 from __future__ import annotations
 
@@ -26,22 +30,20 @@ from common.cache import MAIN_TEACHER
 from ._ops import LogitScale
 
 # Teacher targets the cache can hold; anything else comes from the live teacher.
-CACHEABLE_TARGETS = frozenset({"image_emb", "text_emb", "logit_scale", "image_grad", "text_grad"})
+CACHEABLE_TARGETS = frozenset({"image_emb", "text_emb", "logit_scale", "logit_bias", "image_grad", "text_grad"})
 
 
 @dataclass
 class Dims:
-    """Sizes the losses build their learnable parts from."""
+    """Sizes the losses build their learnable parts from, measured from the built models (`common.families`)."""
     student_embed: int
     teacher_embed: int
-    student_vision_width: int = 0
+    student_vision_width: int = 0  # width of the final image token map
     teacher_vision_width: int = 0
-    student_text_width: int = 0
-    teacher_text_width: int = 0
-    student_vision_layers: int = 0
-    teacher_vision_layers: int = 0
-    student_text_layers: int = 0
-    teacher_text_layers: int = 0
+    student_vision_layers: tuple[int, ...] = ()  # width of each image hidden state (block or stage output)
+    teacher_vision_layers: tuple[int, ...] = ()
+    student_text_layers: tuple[int, ...] = ()  # width of each text hidden state
+    teacher_text_layers: tuple[int, ...] = ()
 
 
 @dataclass
@@ -50,6 +52,7 @@ class StudentOutputs:
     image_emb: torch.Tensor  # (B, D_s) raw image embeddings, before L2 norm
     text_emb: torch.Tensor  # (B, D_s) raw text embeddings
     logit_scale: torch.Tensor  # scalar s = exp(logit_scale), clamped to <= 100
+    logit_bias: torch.Tensor | None = None  # scalar b of a sigmoid-loss (SigLIP) student, learnable; None: softmax
     image_emb_proj: torch.Tensor | None = None  # (B, D_t) P_v I_s, not normalised (identity map when D_s == D_t)
     text_emb_proj: torch.Tensor | None = None  # (B, D_t) P_t T_s
     masked_image_emb: torch.Tensor | None = None  # (B, D_s) raw image embedding of the MAE-masked view
@@ -69,6 +72,7 @@ class TeacherTargets:
     image_emb: torch.Tensor | None = None  # (B, D_t)
     text_emb: torch.Tensor | None = None  # (B, D_t)
     logit_scale: float | None = None  # s_t, frozen
+    logit_bias: float | None = None  # b_t of a sigmoid-loss (SigLIP) teacher, frozen; None: softmax CLIP teacher
     image_grad: torch.Tensor | None = None  # (B, D_t) dL/dI of the teacher's CLIP loss on this exact batch
     text_grad: torch.Tensor | None = None  # (B, D_t)
     image_tokens: torch.Tensor | None = None  # (B, N_t, W_t) after the final LayerNorm
@@ -85,6 +89,8 @@ class DistillLoss(nn.Module):
     # teacher fields that the loss uses when present but can do without (GD recomputes grads from embeddings)
     teacher_optional: ClassVar[frozenset[str]] = frozenset()
     ensemble: ClassVar[str] = "per_teacher"  # or "joint": see the module docstring
+    # whether the loss can learn from a sigmoid-loss (SigLIP) teacher; each docstring says what it does with one
+    sigmoid_teacher: ClassVar[bool] = True
 
     def __init__(self, dims: Dims):
         super().__init__()
@@ -142,6 +148,15 @@ def parse_loss_spec(spec: str) -> list[tuple[str, float | None]]:
     return items
 
 
+def loss_classes(spec: str) -> dict[str, type[DistillLoss]]:
+    """The loss classes a --losses value names, in its order (what they need is known before any model is built)."""
+    return {name: LOSSES[name] for name, _ in parse_loss_spec(spec)}
+
+
+def teacher_needs_of(classes) -> frozenset[str]:
+    return frozenset().union(*(cls.teacher_needs for cls in classes))
+
+
 class PerTeacher(nn.Module):
     """One instance of a loss per teacher (own projections' targets and learnable parts); the mean of their terms."""
 
@@ -177,7 +192,7 @@ class LossSet(nn.Module):
 
     @property
     def teacher_needs(self) -> frozenset[str]:
-        return frozenset().union(*(cls.teacher_needs for cls in self.classes.values()))
+        return teacher_needs_of(self.classes.values())
 
     @property
     def teacher_optional(self) -> frozenset[str]:

@@ -13,7 +13,7 @@ class Caption(DistillLoss):
 
     L = -(1/|M|) Σ_{(b,t) ∈ M} log softmax(z_{b,t})[y_{b,t+1}], z_{b,t} = decoder logits after the image and
     tokens y_{b,≤t}, M = the non-padding label positions of the batch. Weight 2 (open_clip's
-    `--coca-caption-loss-weight`). Needs a CoCa student; no teacher targets.
+    `--coca-caption-loss-weight`). Needs a CoCa student; no teacher targets, so a sigmoid teacher changes nothing.
     """
     name = "caption"
     default_weight = 2.0

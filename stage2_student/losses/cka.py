@@ -28,7 +28,8 @@ class CKA(DistillLoss):
     Embedding terms compare the student's unprojected embeddings (CKA needs no common width), normalised like the
     teacher's so both Gram matrices are cosine similarities. The third is RCKA's relation ("logit") form on the
     B x B image-text logit matrices; CKA is invariant to isotropic scaling, so the scales s, s_t cancel and are not
-    read. Each term lies in [0, 1].
+    read; nor is a sigmoid model's bias (a constant shift of the logits, removed by the centring). Each term lies
+    in [0, 1].
 
     Default weight 15: the official weight on the logit form. It multiplies each term, so the relation term gets
     exactly the official weight and each embedding term (the same kind of quantity, 1 - cosine of Gram matrices)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.contrastive import clip_loss, clip_loss_grads
+from common.contrastive import clip_loss, contrastive_loss, contrastive_loss_grads
 
 from ._ops import LogitScale, diag_ce, normalise
 from .base import DistillLoss, Dims, StudentOutputs, TeacherTargets, register_loss
@@ -25,12 +25,20 @@ _STUDENT_PROJ = frozenset({"image_emb_proj", "text_emb_proj"})
 
 @register_loss
 class Task(DistillLoss):
-    """The student's own CLIP loss: 0.5 [CE(s I Tᵀ, y) + CE(s T Iᵀ, y)], I = norm(I_s), T = norm(T_s). Weight 1."""
+    """The student's own contrastive loss, the one its architecture trains with. Weight 1.
+
+    Softmax CLIP: 0.5 [CE(s I Tᵀ, y) + CE(s T Iᵀ, y)], I = norm(I_s), T = norm(T_s). A student with a logit bias
+    (SigLIP-style config, `init_logit_bias`) trains with the sigmoid loss -(1/B) sum_ij log σ(y_ij (s I_i·T_j + b)),
+    y = 2 Id - 1 (open_clip's `SigLipLoss`), so its bias learns. Reads no teacher target.
+    """
     name = "task"
     default_weight = 1.0
+    student_needs = frozenset({"image_emb", "text_emb", "logit_scale", "logit_bias"})
 
     def forward(self, student: StudentOutputs, teacher: TeacherTargets) -> torch.Tensor:
-        return clip_loss(normalise(student.image_emb), normalise(student.text_emb), student.logit_scale.float())
+        bias = None if student.logit_bias is None else student.logit_bias.float()
+        return contrastive_loss(normalise(student.image_emb), normalise(student.text_emb),
+                                student.logit_scale.float(), bias)
 
 
 @register_loss
@@ -45,6 +53,9 @@ class CRD(DistillLoss):
     softmax(Z_t^k), each teacher at its own scale s_t^k. Similarity distributions over the same batch are
     comparable across teachers of any width, unlike their embeddings. Its gradient equals that of DataCompDR's
     mean of per-teacher KLs (the two differ by a constant, the teachers' entropies' Jensen gap).
+
+    Sigmoid teacher or student: the distributions are softmaxes of s_t I_t T_tᵀ and s I Tᵀ at each one's own
+    scale; a bias adds the same constant to every logit of a row, so it cancels and is not read.
     """
     name = "crd"
     default_weight = 1.0
@@ -72,7 +83,8 @@ class FD(DistillLoss):
     Weight 2000 (paper / official `--alpha_fd_loss 2000`).
 
     Several teachers (per teacher, averaged): each through the student's own projection into that teacher's
-    space, since teachers' embeddings differ in width and basis and have no meaningful average.
+    space, since teachers' embeddings differ in width and basis and have no meaningful average. Sigmoid teacher or
+    student: embeddings only, so scale and bias play no part.
     """
     name = "fd"
     default_weight = 2000.0
@@ -93,7 +105,9 @@ class MFD(FD):
     L = MSE(norm(P_v I_s^masked), I_t) + MSE(norm(P_t T_s), T_t), I_t = teacher embedding of the *unmasked* view.
     The loop builds `masked_image_emb_proj` by keeping a random (1 - `mask_ratio`) of the patch tokens (plus CLS)
     per sample; the public code computed the masked forward and then used the full image, so this loss never
-    reads `image_emb_proj`. Weight 2000, mask ratio 0.75 (paper / official). Several teachers: as FD.
+    reads `image_emb_proj`. Weight 2000, mask ratio 0.75 (paper / official). Several teachers, sigmoid models: as
+    FD. The masked view is the tower family's (`common.families`): token dropout in ViTs (open_clip's and timm's),
+    masked input patches (zeroed cells of the final feature map's grid) in CNNs and hybrid towers.
     """
     name = "mfd"
     default_weight = 2000.0
@@ -103,10 +117,12 @@ class MFD(FD):
 
 
 def _teacher_grads(teacher: TeacherTargets) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cached teacher grads of this exact batch when present, else recomputed exactly from its embeddings."""
+    """Cached teacher grads of this exact batch when present, else recomputed exactly from its embeddings, with the
+    teacher's own loss (sigmoid when it has a bias)."""
     if teacher.image_grad is not None and teacher.text_grad is not None:
         return teacher.image_grad.float(), teacher.text_grad.float()
-    return clip_loss_grads(teacher.image_emb.float(), teacher.text_emb.float(), teacher.logit_scale)
+    return contrastive_loss_grads(teacher.image_emb.float(), teacher.text_emb.float(), teacher.logit_scale,
+                                  teacher.logit_bias)
 
 
 @register_loss
@@ -128,16 +144,24 @@ class GD(DistillLoss):
 
     Several teachers (per teacher, averaged): a teacher's gradients live in its own embedding space, so each is
     matched by the student's projection into that space.
+
+    Sigmoid teacher (bias b_t): both gradients are those of the teacher's loss, the sigmoid loss
+    (`common.contrastive.sigmoid_loss_grads`): the teacher's at (s_t, b_t), the student's at its own scale s and
+    its own bias when it has one, else at b_t (the gradient's shape depends on the bias; a softmax student has
+    none to offer). The calibration above is the softmax loss's; the sigmoid gradients are of the same order.
     """
     name = "gd"
     default_weight = 3e4
-    student_needs = _STUDENT_PROJ | {"logit_scale"}
-    teacher_needs = _TEACHER_EMB_SCALE
+    student_needs = _STUDENT_PROJ | {"logit_scale", "logit_bias"}
+    teacher_needs = _TEACHER_EMB_SCALE | {"logit_bias"}
     teacher_optional = frozenset({"image_grad", "text_grad"})
 
     def forward(self, student: StudentOutputs, teacher: TeacherTargets) -> torch.Tensor:
-        g_img_s, g_txt_s = clip_loss_grads(normalise(student.image_emb_proj), normalise(student.text_emb_proj),
-                                           student.logit_scale.float())
+        bias = None
+        if teacher.logit_bias is not None:
+            bias = student.logit_bias.float() if student.logit_bias is not None else teacher.logit_bias
+        g_img_s, g_txt_s = contrastive_loss_grads(normalise(student.image_emb_proj),
+                                                  normalise(student.text_emb_proj), student.logit_scale.float(), bias)
         g_img_t, g_txt_t = _teacher_grads(teacher)
         return F.mse_loss(g_img_s, g_img_t) + F.mse_loss(g_txt_s, g_txt_t)
 
@@ -157,8 +181,13 @@ class GD4(DistillLoss):
     Teacher grads are always recomputed from the cached embeddings (the cache stores only the symmetric sums).
     Default weight 1.2e4: four unhalved one-directional gradients make the raw value 2.3-2.5x GD's in the setup
     GD is calibrated on, so GD's 3e4 / 2.5 (same (B/256)^2 (D/512) scaling). Several teachers: as GD.
+
+    Sigmoid teacher: refused. The four terms are the two directions of the softmax loss, and the sigmoid loss has
+    no directions; use `gd`, which matches the sigmoid loss's own gradients. A sigmoid student is fine (its
+    embeddings are matched; its bias is not read).
     """
     name = "gd4"
+    sigmoid_teacher = False
     default_weight = 1.2e4
     student_needs = _STUDENT_PROJ | {"logit_scale"}
     teacher_needs = _TEACHER_EMB_SCALE
@@ -180,7 +209,9 @@ class ICL(DistillLoss):
     official `--alpha_icl_loss 1`).
 
     Several teachers (per teacher, averaged): the student's anchors in each teacher's space against that teacher's
-    keys, each pair with its own learnable scale (the teachers' similarity sharpness differs).
+    keys, each pair with its own learnable scale (the teachers' similarity sharpness differs). Sigmoid teacher or
+    student: as written, a softmax CE over the teacher's keys with the loss's own scale; neither model's scale or
+    bias is read (the CLIP-KD form: the keys are what the teacher contributes).
     """
     name = "icl"
     default_weight = 1.0
@@ -206,7 +237,8 @@ class AFD(DistillLoss):
     L = clip_loss(F_img, F_txt, c), c = min(exp(param), 100), param init log(1/0.07). Both halves are D_t wide
     (the public code sized W as D_s + D_t -> D_s, wrong when D_s != D_t). Weight 1 (paper).
 
-    Several teachers (per teacher, averaged): one fusion layer per teacher, sized for its width D_t.
+    Several teachers (per teacher, averaged): one fusion layer per teacher, sized for its width D_t. Sigmoid
+    teacher or student: as written (a softmax CLIP loss on the fused features at the loss's own scale).
     """
     name = "afd"
     default_weight = 1.0

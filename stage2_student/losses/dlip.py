@@ -56,16 +56,20 @@ def attention_kl(a_s: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
     return (torch.xlogy(a_t, a_t) - a_t * log_a_s).sum(-1).mean()
 
 
-def _layers(dims: Dims, tower: str) -> tuple[int, int]:
+def _layers(dims: Dims, tower: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The student's and the teacher's widths of each hidden state of a tower."""
     return ((dims.student_vision_layers, dims.teacher_vision_layers) if tower == "image"
             else (dims.student_text_layers, dims.teacher_text_layers))
 
 
 @register_loss
 class DLIPRep(DistillLoss):
-    """L = sum_towers mean_m MSE(W_m h_s^m, h_t^{map(m)}), h: (B, N, W) block outputs, W_m = Linear(W_s -> W_t).
+    """L = sum_towers mean_m MSE(W_m h_s^m, h_t^{map(m)}), h: (B, N, W) hidden states, W_m = Linear(W_s^m -> W_t^map(m)).
 
-    Weight 1 (DLIP adds its distillation terms to the pre-training loss unweighted).
+    Weight 1 (DLIP adds its distillation terms to the pre-training loss unweighted). Hidden states are each tower
+    family's (`common.families`): transformer block outputs, or a CNN's stage outputs as tokens (summary token +
+    grid), whose widths differ per stage, hence one projection per mapped pair. Sigmoid teacher or student: hidden
+    states only, scales and biases play no part.
     """
     name = "dlip"
     default_weight = 1.0
@@ -74,13 +78,13 @@ class DLIPRep(DistillLoss):
 
     def __init__(self, dims: Dims):
         super().__init__(dims)
-        widths = {"image": (dims.student_vision_width, dims.teacher_vision_width),
-                  "text": (dims.student_text_width, dims.teacher_text_width)}
-        if not all(all(widths[t]) and all(_layers(dims, t)) for t in TOWERS):
-            raise ValueError(f"dlip needs the vision and text widths and layer counts in Dims, got {dims}")
-        self.layer_map = {t: map_layers(*_layers(dims, t)) for t in TOWERS}
-        self.proj = nn.ModuleDict({t: nn.ModuleList(nn.Linear(*widths[t]) for _ in self.layer_map[t])
-                                   for t in TOWERS})
+        if not all(all(_layers(dims, t)) for t in TOWERS):
+            raise ValueError(f"dlip needs the widths of every vision and text hidden state in Dims (measured from "
+                             f"the student and the live teacher), got {dims}")
+        self.layer_map = {t: map_layers(*map(len, _layers(dims, t))) for t in TOWERS}
+        self.proj = nn.ModuleDict({
+            t: nn.ModuleList(nn.Linear(_layers(dims, t)[0][m], _layers(dims, t)[1][n])
+                             for m, n in enumerate(self.layer_map[t])) for t in TOWERS})
 
     def forward(self, student: StudentOutputs, teacher: TeacherTargets) -> torch.Tensor:
         total = 0.0
@@ -99,7 +103,9 @@ class DLIPRep(DistillLoss):
 class DLIPAttn(DistillLoss):
     """L = sum_towers mean_m KL(A_t^{map(m)} ‖ A_s^m), A: (B, H, N, N) softmax attention maps (`attention_kl`).
 
-    The layer map comes from the lengths of the attention lists. Weight 1 (as `dlip`).
+    The layer map comes from the lengths of the attention lists. Weight 1 (as `dlip`). Only open_clip transformer
+    towers expose attention maps; a student or teacher of another family is refused before training
+    (`common.families`). Sigmoid teacher or student: attention maps only, scales and biases play no part.
     """
     name = "dlip_attn"
     default_weight = 1.0

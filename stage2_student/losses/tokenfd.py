@@ -18,6 +18,9 @@ class TokenFD(DistillLoss):
     so the target's scale and offset per token do not matter. h_s: all student tokens after its final norm, through
     a per-token Linear W_s -> W_t (the paper's 1x1 conv); when the grids differ the student's patch grid is resampled
     bilinearly to the teacher's (CLS kept). Weight 1 (the paper trains with this loss alone).
+
+    Any tower family (`common.families`): tokens are a summary token (the class token, or a CNN map's mean) and
+    the final map's grid. Sigmoid teacher or student: token maps only, scales and biases play no part.
     """
     name = "tokenfd"
     default_weight = 1.0
@@ -27,7 +30,8 @@ class TokenFD(DistillLoss):
     def __init__(self, dims: Dims):
         super().__init__(dims)
         if not (dims.student_vision_width and dims.teacher_vision_width):
-            raise ValueError("tokenfd needs Dims.student_vision_width and Dims.teacher_vision_width")
+            raise ValueError("tokenfd needs Dims.student_vision_width and Dims.teacher_vision_width (the live "
+                             "teacher's, measured by common.families.describe)")
         self.proj = nn.Linear(dims.student_vision_width, dims.teacher_vision_width)
 
     def forward(self, student: StudentOutputs, teacher: TeacherTargets) -> torch.Tensor:

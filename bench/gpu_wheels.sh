@@ -59,7 +59,9 @@ tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)  # the tracked fil
 wheels=$(size_of "$dest"/*.whl)
 if [ "$faiss_gpu" = 1 ]; then
     before=("$dest"/*.whl)
-    download faiss-gpu-cu12 nvidia-cuda-runtime-cu12 nvidia-cublas-cu12
+    if ! download faiss-gpu-cu12 nvidia-cuda-runtime-cu12 nvidia-cublas-cu12; then
+        echo "faiss-gpu-cu12: no wheels of it or its CUDA 12 libraries for Python $python_version: left out"
+    fi
     with_faiss=$(size_of "$dest"/*.whl)
     if [ $((tree + with_faiss)) -gt "$LIMIT" ]; then
         echo "faiss-gpu-cu12 + its CUDA 12 libraries: $((with_faiss - wheels)) bytes, over the limit: left out"

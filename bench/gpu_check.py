@@ -1,4 +1,4 @@
-"""The GPU code paths in one run (one GPU, under 8 minutes): measured and checked against their goals.
+"""The GPU code paths in one run (one GPU, sized for under 8 minutes): measured and checked against their goals.
 
 1. build: a corpus of --samples synthetic --image-size px JPEGs; `bench_build.measure` builds a --teacher store on
    --device with --build-workers decode workers (fp16 autocast on a GPU), interleaved with the bare teacher

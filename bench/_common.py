@@ -5,6 +5,7 @@ from other processes on a shared machine hits every variant alike and ratios sta
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -29,6 +30,20 @@ def add_common_args(parser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the models run")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+
+
+def parse_args(parser: argparse.ArgumentParser, tiny: dict, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse argv (default: the command line). With --tiny, `tiny` replaces those options' defaults (options
+    given on the command line still win): the same measurement code at sizes a test runs in seconds."""
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes and models: a smoke run of every step")
+    unknown = set(tiny) - {action.dest for action in parser._actions}
+    if unknown:
+        raise ValueError(f"tiny settings name no option of {parser.prog}: {sorted(unknown)}")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        parser.set_defaults(**tiny)
+        args = parser.parse_args(argv)
+    return args
 
 
 def start(title: str, args) -> dict:

@@ -75,7 +75,12 @@ class BuildProbe(logging.Handler):
         seen.append({"loop_samples_per_s": self.loop_rate, "teacher_s": self.teacher_s})
 
 
-def parse_args() -> argparse.Namespace:
+# --tiny: the test models, a corpus of 4 blocks, two worker counts and the profile, one round
+TINY = {"teacher": "kd-test-teacher", "samples": 64, "batch_size": 16, "workers": [0, 1], "image_size": 32,
+        "chunk_rows": 16, "repeats": 1, "profile": 0}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", default="kd-demo-teacher")
     p.add_argument("--samples", type=int, default=2000)
@@ -87,15 +92,19 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (medians over them)")
     p.add_argument("--profile", type=int, metavar="WORKERS", help="cProfile one extra build with WORKERS workers")
     C.add_common_args(p)
-    return p.parse_args()
+    return C.parse_args(p, TINY, argv)
 
 
 def pre_render(opts: BuildOptions, teacher) -> tuple[list[dict], float]:
-    """All batches of the build, decoded and preprocessed in this process, and the seconds that took."""
+    """All batches of the build, decoded and preprocessed in this process and put on the teacher's device (the
+    bare forward then pays no decode and no host-to-device copy), and the seconds that took."""
     corpus = Corpus.open(opts.data)
     blocks = list(range(-(-corpus.num_samples // opts.chunk_rows)))
+    device = next(teacher.model.parameters()).device
+    on_device = lambda b: b | {"images": b["images"].to(device), "tokens": b["tokens"].to(device)}  # noqa: E731
     batches: list[dict] = []
-    seconds = C.timed(lambda: batches.extend(BlockBatches(corpus, blocks, opts, teacher)))
+    seconds = C.timed(lambda: batches.extend(map(on_device, BlockBatches(corpus, blocks, opts, teacher))),
+                      opts.device)
     return batches, seconds
 
 
@@ -164,33 +173,39 @@ def report(args, times: dict, seen: dict, render_s: float, sizes: list[list], re
     })
 
 
+def measure(args, data: Path, tmp: Path, results: dict) -> Path:
+    """Builds of `data` (one per --workers count) and the teacher's forward on the same batches, interleaved;
+    prints the tables, fills `results`, returns the first variant's store (under tmp)."""
+    probe = BuildProbe()
+    base = BuildOptions(teacher=args.teacher, data=str(data), out="", batch_size=args.batch_size,
+                        views=args.views, device=args.device, chunk_rows=args.chunk_rows)
+    teacher = create_clip(args.teacher, device=args.device)
+    teacher.model.eval()
+    results["teacher"] = C.model_summary(teacher)
+    batches, render_s = pre_render(base, teacher)
+    encode_batch(teacher, batches[0])  # warm-up
+    variants = {f"build w={w}": replace(base, workers=w, out=str(tmp / f"w{w}.zarr")) for w in args.workers}
+    seen: dict[str, list[dict]] = {name: [] for name in variants}
+    calls = {"teacher forward only": lambda: [encode_batch(teacher, b) for b in batches]}
+    calls |= {name: (lambda o=o, s=seen[name]: probe.run(o, s)) for name, o in variants.items()}
+    times = C.interleaved(calls, args.repeats, args.device)
+    fp16 = Path(next(iter(variants.values())).out)
+    rewrite_as_fp32(fp16, tmp / "fp32.zarr")
+    sizes = store_sizes({"fp16 (as built)": fp16, "fp32 (re-written)": tmp / "fp32.zarr"}, args.samples)
+    report(args, times, seen, render_s, sizes, results)
+    if args.profile is not None:
+        results["profile"] = profile_build(replace(base, workers=args.profile, out=str(tmp / "profile.zarr")))
+        print(f"\n-- cProfile of one build_cache, workers={args.profile} (main process only)")
+        print(results["profile"])
+    return fp16
+
+
 def main() -> None:
     args = parse_args()
     results = C.start("stage one: build_cache vs teacher forward alone", args)
-    probe = BuildProbe()
     with tempfile.TemporaryDirectory(prefix="bench-build-") as tmp:
         tmp = Path(tmp)
-        data = C.make_corpus(tmp / "corpus", args.samples, args.image_size)
-        base = BuildOptions(teacher=args.teacher, data=str(data), out="", batch_size=args.batch_size,
-                            views=args.views, device=args.device, chunk_rows=args.chunk_rows)
-        teacher = create_clip(args.teacher, device=args.device)
-        teacher.model.eval()
-        results["teacher"] = C.model_summary(teacher)
-        batches, render_s = pre_render(base, teacher)
-        encode_batch(teacher, batches[0])  # warm-up
-        variants = {f"build w={w}": replace(base, workers=w, out=str(tmp / f"w{w}.zarr")) for w in args.workers}
-        seen: dict[str, list[dict]] = {name: [] for name in variants}
-        calls = {"teacher forward only": lambda: [encode_batch(teacher, b) for b in batches]}
-        calls |= {name: (lambda o=o, s=seen[name]: probe.run(o, s)) for name, o in variants.items()}
-        times = C.interleaved(calls, args.repeats, args.device)
-        fp16 = Path(next(iter(variants.values())).out)
-        rewrite_as_fp32(fp16, tmp / "fp32.zarr")
-        sizes = store_sizes({"fp16 (as built)": fp16, "fp32 (re-written)": tmp / "fp32.zarr"}, args.samples)
-        report(args, times, seen, render_s, sizes, results)
-        if args.profile is not None:
-            results["profile"] = profile_build(replace(base, workers=args.profile, out=str(tmp / "profile.zarr")))
-            print(f"\n-- cProfile of one build_cache, workers={args.profile} (main process only)")
-            print(results["profile"])
+        measure(args, C.make_corpus(tmp / "corpus", args.samples, args.image_size), tmp, results)
     C.write_json(args.json, results)
 
 

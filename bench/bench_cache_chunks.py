@@ -29,6 +29,8 @@ import _common as C  # noqa: N812 - also puts the repo on sys.path
 from common.cache import CHUNK_ROWS
 
 MB = 1e6
+# --tiny: a 2000 x 16 array, two chunk sizes, every compressor, one round
+TINY = {"rows": 2000, "dim": 16, "chunk_rows": [256, 1024], "batch": 32, "batches": 2, "repeats": 1}
 
 
 def parse_args() -> argparse.Namespace:
@@ -42,7 +44,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dir", help="where to write the arrays (default: a temp dir; put it on the disk you care about)")
     C.add_common_args(p)
-    return p.parse_args()
+    return C.parse_args(p, TINY)
 
 
 def embeddings(rows: int, dim: int, seed: int = 0) -> np.ndarray:

@@ -19,6 +19,10 @@ from common.captioner import caption_images
 from common.models import create_clip
 
 
+# --tiny: the test captioner, 4 images, two caption counts of one length, one round after the warm-up
+TINY = {"captioner": "kd-test-coca", "images": 4, "nums": [1, 2], "seq_lens": [6], "repeats": 1}
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--captioner", default="kd-demo-coca", help="an open_clip CoCa config")
@@ -27,7 +31,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seq-lens", type=int, nargs="+", default=[16, 24], help="tokens per caption, markers included")
     p.add_argument("--repeats", type=int, default=3)
     C.add_common_args(p)
-    return p.parse_args()
+    return C.parse_args(p, TINY)
 
 
 def main() -> None:
@@ -50,7 +54,7 @@ def main() -> None:
         for num, seq_len in grid}
     times = C.interleaved(variants, args.repeats, args.device, warmup=1)
     encode_s = C.median(times["image tower"])
-    rows, results = [], {"header": header, "images": args.images, "image_tower_s": encode_s, "runs": []}
+    rows, results = [], {**header, "images": args.images, "image_tower_s": encode_s, "runs": []}
     for (num, seq_len), name in zip(grid, list(variants)[1:]):
         seconds, captions = C.median(times[name]), args.images * num
         per_caption_ms = 1000 * seconds / captions

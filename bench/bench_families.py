@@ -23,6 +23,8 @@ KD_LOSSES = "task,fd,icl,crd"
 STUDENTS = ["kd-demo-student", "kd-demo-rn-student", "kd-test-convnext", "kd-test-timm-vit", "kd-test-mobileclip",
             "kd-test-sigmoid"]
 GOAL = 1.05
+# --tiny: 2 students, batch 8, 1 round: a check that it runs
+TINY = {"students": STUDENTS[:2], "batch_size": 8, "batches": 1, "repeats": 1, "warmup": 0}
 
 
 def parse_args() -> argparse.Namespace:
@@ -34,12 +36,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=6, help="measured interleaved rounds")
     p.add_argument("--warmup", type=int, default=1, help="rounds run first and not measured")
-    p.add_argument("--tiny", action="store_true", help="2 students, batch 8, 1 round: a check that it runs")
     C.add_common_args(p)
-    args = p.parse_args()
-    if args.tiny:
-        args.students, args.batch_size, args.batches, args.repeats, args.warmup = STUDENTS[:2], 8, 1, 1, 0
-    return args
+    return C.parse_args(p, TINY)
 
 
 def family_times(args, student: str, data: Path, cache: Path, tmp: Path) -> dict:

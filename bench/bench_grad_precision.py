@@ -7,21 +7,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._common import command_line  # noqa: E402
-from common.cache import CacheStore, dequantize  # noqa: E402
-from common.contrastive import clip_loss_grads  # noqa: E402
-from common.synth import generate_corpus  # noqa: E402
-from stage1_teacher.build import BuildOptions, build_cache  # noqa: E402
-from stage2_student.train import Trainer, TrainOptions  # noqa: E402
-from tests.helpers import save_random_checkpoint  # noqa: E402
+import _common as C  # noqa: N812 - also puts the repo on sys.path
+from common.cache import CacheStore, dequantize
+from common.contrastive import clip_loss_grads
+from common.synth import generate_corpus
+from stage1_teacher.build import BuildOptions, build_cache
+from stage2_student.train import Trainer, TrainOptions
+from tests.helpers import save_random_checkpoint
+
+GRAD_BATCH = 64
+# --tiny: 4 gradient batches, 4 steps
+TINY = {"samples": 4 * GRAD_BATCH, "steps": 4}
 
 
 class RecomputedGradients:
@@ -48,16 +50,19 @@ class ExactGradientTrainer(Trainer):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--json", metavar="PATH")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+    parser.add_argument("--samples", type=int, default=1024, help=f"corpus size (gradient batches of {GRAD_BATCH})")
+    C.add_common_args(parser)
+    parser.set_defaults(threads=1)
+    args = C.parse_args(parser, TINY)
+    header = C.start("fp16 stored gradients vs exact fp32 ones, and GD training with each", args)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        generate_corpus(root / "corpus", {"train": 1024}, shard_size={"train": 256}, seed=0, image_size=32)
+        generate_corpus(root / "corpus", {"train": args.samples}, shard_size={"train": 256}, seed=0, image_size=32)
         ckpt = save_random_checkpoint("kd-test-teacher", root / "t.pt", seed=0)
         store = root / "s.zarr"
         build_cache(BuildOptions(teacher="kd-test-teacher", pretrained=str(ckpt), data=str(root / "corpus/train"),
-                                 out=str(store), batch_size=128, grad_batch=64, workers=0))
+                                 out=str(store), batch_size=128, grad_batch=GRAD_BATCH, workers=0,
+                                 device=args.device))
         # 1. per-entry error of the stored gradients, over every gradient batch
         cache = CacheStore(str(store))
         batches = cache.load("grad_batches")
@@ -73,19 +78,18 @@ def main() -> None:
         runs = {}
         for name, cls in (("stored_fp16", Trainer), ("exact_fp32", ExactGradientTrainer)):
             opts = TrainOptions(data=str(root / "corpus/train"), out=str(root / name), student="kd-test-student",
-                                cache=str(store), losses="task,gd", batching="cache", batch_size=64,
-                                steps=args.steps, warmup=5, workers=0, log_every=1, seed=0)
+                                cache=str(store), losses="task,gd", batching="cache", batch_size=GRAD_BATCH,
+                                steps=args.steps, warmup=5, workers=0, log_every=1, seed=0, device=args.device)
             cls(opts).run()
             runs[name] = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
         gd = {name: np.array([m["gd"] for m in metrics]) for name, metrics in runs.items()}
         rel = np.abs(gd["stored_fp16"] - gd["exact_fp32"]) / np.abs(gd["exact_fp32"])
-    result = {"command": command_line(), "grad_max_rel_error_per_batch": {"max": max(errors),
+    result = {**header, "grad_max_rel_error_per_batch": {"max": max(errors),
                                                                            "median": float(np.median(errors))},
               "gd_loss_first_last": {k: [float(v[0]), float(v[-1])] for k, v in gd.items()},
               "gd_loss_max_rel_diff_over_run": float(rel.max()), "steps": args.steps}
-    print(json.dumps(result, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k not in header}, indent=1))
+    C.write_json(args.json, result)
 
 
 if __name__ == "__main__":

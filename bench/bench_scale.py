@@ -25,10 +25,12 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._common import REPO, command_line, machine_info, synthetic_index  # noqa: E402
+from bench._common import REPO, parse_args, print_header, synthetic_index  # noqa: E402
 
 SHARD = 10_000
 CC12M = 11_000_000
+# --tiny: one corpus of 2000 samples, one single-process run per target kind, a small window and stores
+TINY = {"sizes": [2000], "ranks": [1], "dim": 64, "window_rows": 1024, "grad_batch": 256, "store_rows": 4096}
 
 
 def jpeg(seed: int) -> bytes:
@@ -260,11 +262,15 @@ def main() -> None:
                         help="kd-train process counts to run on the largest corpus (the first 2 makes the node copy)")
     parser.add_argument("--ranks-only", action="store_true",
                         help="only the rank runs, on the largest size's corpus from an earlier run")
+    parser.add_argument("--dim", type=int, default=512, help="width of the gradient window and the stores")
+    parser.add_argument("--window-rows", type=int, default=8192, help="rows of the gradient window")
+    parser.add_argument("--grad-batch", type=int, default=1024, help="gradient batch of the window")
+    parser.add_argument("--store-rows", type=int, default=20_480, help="rows of the real-layout stores")
     parser.add_argument("--json", metavar="PATH")
-    args = parser.parse_args()
+    args = parse_args(parser, TINY)
     root = Path(args.root)
-    results = {"command": command_line(), "machine": machine_info("cpu"), "sizes": {}}
-    print(results["command"])
+    results = print_header("growth with corpus size: index, memory, kd-train start, ranks, stores", "cpu")
+    results["sizes"] = {}
     for n in [] if args.ranks_only else args.sizes:
         corpus = root / f"corpus-{n}"
         t = time.perf_counter()
@@ -304,9 +310,9 @@ def main() -> None:
                 print(json.dumps(runs[-1]))
         results["ranks"] = runs
     with tempfile.TemporaryDirectory() as tmp:
-        results["gradient_window"] = gradient_window(512, 8192, 1024)
-        results["stores"] = [store_bytes(512, 20_480, "fp16", True, Path(tmp)),
-                             store_bytes(512, 20_480, "int8", False, Path(tmp))]
+        results["gradient_window"] = gradient_window(args.dim, args.window_rows, args.grad_batch)
+        results["stores"] = [store_bytes(args.dim, args.store_rows, "fp16", True, Path(tmp)),
+                             store_bytes(args.dim, args.store_rows, "int8", False, Path(tmp))]
     print(json.dumps({k: results[k] for k in ("extrapolated_11M", "gradient_window", "stores")}, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))

@@ -7,7 +7,8 @@ live), the live teacher's forward alone (`TargetProvider` in live mode), the cac
 (`TargetProvider` in cache mode on random rows of a store of --reader-rows rows), and the loading of one batch
 in this process (`TrainBatches[i]`: tar reads, decode, render, tokenize). Goals: cached / student-only <= 1.05;
 reader rows/s >= 20x the cached step's samples/s. live / cached is compared with 1 + teacher / cached step.
-Then, not interleaved, cached KD fed by its real DataLoader (--workers processes) for --loader-steps steps.
+Then, not interleaved, the real DataLoader (--workers processes) alone, and cached KD fed by it, --loader-steps
+steps each; and the cached targets against the live teacher's on one batch (min cosine per row).
 
     python bench/bench_train.py --batch-size 256 --repeats 8
 """
@@ -29,9 +30,12 @@ from stage2_student.targets import TargetProvider
 from stage2_student.train import Trainer, TrainOptions
 
 KD_LOSSES = "task,fd,icl,crd"
+# --tiny: the test models, 2 batches of 16, one round after one warm-up, a loader run of 2 steps
+TINY = {"student": "kd-test-student", "teacher": "kd-test-teacher", "batch_size": 16, "batches": 2, "image_size": 32,
+        "repeats": 1, "warmup": 1, "reader_rows": 2000, "reader_calls": 2, "workers": 1, "loader_steps": 2}
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--student", default="kd-demo-student")
     p.add_argument("--teacher", default="kd-demo-teacher")
@@ -43,9 +47,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--reader-rows", type=int, default=200_000, help="rows of the store the reader serves from")
     p.add_argument("--reader-calls", type=int, default=50, help="reader calls per round")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the loader run")
-    p.add_argument("--loader-steps", type=int, default=6, help="steps of the loader run (0: skip it)")
+    p.add_argument("--loader-steps", type=int, default=6, help="steps of the loader runs (0: skip them)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="the trainers' --precision (auto: bf16 on a GPU that has it)")
     C.add_common_args(p)
-    return p.parse_args()
+    return C.parse_args(p, TINY, argv)
 
 
 def build_teacher_cache(args, data: Path, out: Path) -> Path:
@@ -58,7 +64,7 @@ def build_teacher_cache(args, data: Path, out: Path) -> Path:
 
 def trainers(args, data: Path, cache: Path, tmp: Path) -> dict[str, Trainer]:
     base = dict(data=str(data), student=args.student, batch_size=args.batch_size, steps=10**6, warmup=10,
-                workers=args.workers, device=args.device)
+                workers=args.workers, device=args.device, precision=args.precision)
     with C.quiet_stderr():
         return {
             "student-only": Trainer(TrainOptions(out=str(tmp / "a"), losses="task", **base)),
@@ -83,9 +89,11 @@ def big_store(real: CacheStore, rows: int, path: Path) -> CacheStore:
 
 
 def reader_requests(rows: int, batch: int, count: int) -> list[dict]:
-    """`count` cached-target requests of `batch` random rows each, clean view (made once, outside timing)."""
+    """`count` cached-target requests of `batch` random rows each, clean view and each sample's own caption
+    (caption -1, as `TrainBatches` marks it), made once, outside timing."""
     rng = np.random.default_rng(0)
-    return [{"cache_rows": torch.from_numpy(rng.integers(0, rows, batch)), "view": torch.zeros(batch, dtype=torch.long)}
+    return [{"cache_rows": torch.from_numpy(rng.integers(0, rows, batch)), "view": torch.zeros(batch, dtype=torch.long),
+             "caption": torch.full((batch,), -1, dtype=torch.long)}
             for _ in range(count)]
 
 
@@ -108,19 +116,29 @@ def interleaved_rounds(args, runs: dict[str, Trainer], batches: list[dict],
                          before_round=lambda r: current.update(i=r % len(batches)))
 
 
-def loader_run(trainer: Trainer, steps: int, device: str) -> list[float]:
-    """Wall seconds per cached-KD step fed by the trainer's own DataLoader (first step, with worker start-up,
-    not counted): data wait included."""
-    seconds = []
-    loader = iter(trainer.loader(0, 0))
-    trainer.train_step(next(loader))
-    for _ in range(steps):
-        start = time.perf_counter()
-        trainer.train_step(next(loader))
-        C.synchronize(device)
-        seconds.append(time.perf_counter() - start)
-    del loader  # shuts its workers down
-    return seconds
+def loader_runs(trainer: Trainer, steps: int, device: str) -> dict[str, list[float]]:
+    """Wall seconds per batch of the trainer's own DataLoader alone, then per cached-KD step fed by it (data
+    wait included); the first batch of each (worker start-up) not counted."""
+    def per_batch(consume) -> list[float]:
+        seconds = []
+        loader = iter(trainer.loader(0, 0))
+        consume(next(loader))
+        for _ in range(steps):
+            start = time.perf_counter()
+            consume(next(loader))
+            C.synchronize(device)
+            seconds.append(time.perf_counter() - start)
+        del loader  # shuts its workers down
+        return seconds
+    return {"alone": per_batch(lambda batch: None), "fed_step": per_batch(trainer.train_step)}
+
+
+def target_agreement(runs: dict[str, Trainer], batch: dict) -> dict[str, float]:
+    """Min per-row cosine of the cached targets against the live teacher's, on one batch."""
+    cached = runs["cached KD"].targets["main"](batch, False)
+    live = runs["live KD"].targets["main"](batch, False)
+    return {name: float(torch.nn.functional.cosine_similarity(getattr(cached, name), getattr(live, name),
+                                                              dim=-1).min()) for name in ("image_emb", "text_emb")}
 
 
 def ratio_rows(args, times: dict) -> list[list]:
@@ -143,7 +161,8 @@ def ratio_rows(args, times: dict) -> list[list]:
     ]
 
 
-def report(args, times: dict, memory: dict, loader_s: list[float], results: dict) -> None:
+def report(args, times: dict, memory: dict, loader_s: dict[str, list[float]], agreement: dict,
+           results: dict) -> None:
     bs = args.batch_size
     med = {name: C.median(raw) for name, raw in times.items()}
     print(f"\nstudent {results['student']}; teacher {results['teacher']}")
@@ -158,13 +177,39 @@ def report(args, times: dict, memory: dict, loader_s: list[float], results: dict
                   "ratios (paired = median over rounds of the per-round ratio)")
     print(f"\ncached targets in memory (provider.memory_bytes): {memory['bytes_per_sample']:.0f} bytes/sample; "
           f"reader store of {args.reader_rows} rows: {memory['reader_mb']:.1f} MB")
-    if loader_s:
-        print(f"cached KD fed by its DataLoader (workers={args.workers}, not interleaved): median step "
-              f"{C.median(loader_s):.3f} s = {C.median(loader_s) / med['(b) cached KD step']:.3f} x the pre-loaded "
-              f"cached step median; raw {' '.join(f'{t:.3f}' for t in loader_s)}")
+    if args.loader_steps:
+        alone, fed = C.median(loader_s["alone"]), C.median(loader_s["fed_step"])
+        print(f"DataLoader alone (workers={args.workers}, not interleaved): {bs / alone:.1f} samples/s; cached KD "
+              f"fed by it: median step {fed:.3f} s = {fed / med['(b) cached KD step']:.3f} x the pre-loaded cached "
+              f"step median; raw {' '.join(f'{t:.3f}' for t in loader_s['fed_step'])}")
+    print("cached vs live targets, one batch, min cosine per row: "
+          + ", ".join(f"{name} {cos:.6f}" for name, cos in agreement.items()))
     results.update({"config": vars(args), "times_s": times, "medians_s": med, "memory": memory,
                     "ratios": [dict(zip(["quantity", "of_medians", "paired", "goal"], r)) for r in ratios],
-                    "loader_step_s": loader_s})
+                    "loader_alone_s": loader_s.get("alone", []), "loader_step_s": loader_s.get("fed_step", []),
+                    "target_agreement_min_cosine": agreement})
+
+
+def corpus_samples(args) -> int:
+    """Samples the measurements need: --batches pre-loaded batches, and a loader run's batches."""
+    return args.batch_size * max(args.batches, args.loader_steps + 1)
+
+
+def measure(args, data: Path, cache: Path, tmp: Path, results: dict) -> None:
+    """Everything measured on a corpus and its teacher's store (of at least `corpus_samples(args)` samples):
+    prints the tables and fills `results`."""
+    runs = trainers(args, data, cache, tmp)
+    results["student"] = C.model_summary(runs["cached KD"].student_clip)
+    results["teacher"] = C.model_summary(runs["live KD"].teachers["main"])
+    batches = [runs["live KD"].loader(0, 0).dataset[i] for i in range(args.batches)]
+    store = big_store(runs["cached KD"].cache, args.reader_rows, tmp / "reader.zarr")
+    kd = runs["cached KD"].loss_set
+    provider = TargetProvider("cache", kd.teacher_needs, kd.teacher_optional, store, None, grad_batches=False)
+    memory = {"bytes_per_sample": runs["cached KD"].targets["main"].memory_bytes / runs["cached KD"].cache.num_rows,
+              "reader_mb": provider.memory_bytes / 2**20}
+    times = interleaved_rounds(args, runs, batches, provider)
+    loader_s = loader_runs(runs["cached KD"], args.loader_steps, args.device) if args.loader_steps else {}
+    report(args, times, memory, loader_s, target_agreement(runs, batches[0]), results)
 
 
 def main() -> None:
@@ -173,21 +218,8 @@ def main() -> None:
     logging.getLogger("kd-cache").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         tmp = Path(tmp)
-        samples = args.batch_size * max(args.batches, args.loader_steps + 1)
-        data = C.make_corpus(tmp / "corpus", samples, args.image_size)
-        cache = build_teacher_cache(args, data, tmp / "cache.zarr")
-        runs = trainers(args, data, cache, tmp)
-        results["student"] = C.model_summary(runs["cached KD"].student_clip)
-        results["teacher"] = C.model_summary(runs["live KD"].teachers["main"])
-        batches = [runs["live KD"].loader(0, 0).dataset[i] for i in range(args.batches)]
-        store = big_store(runs["cached KD"].cache, args.reader_rows, tmp / "reader.zarr")
-        kd = runs["cached KD"].loss_set
-        provider = TargetProvider("cache", kd.teacher_needs, kd.teacher_optional, store, None, grad_batches=False)
-        memory = {"bytes_per_sample": runs["cached KD"].targets["main"].memory_bytes / runs["cached KD"].cache.num_rows,
-                  "reader_mb": provider.memory_bytes / 2**20}
-        times = interleaved_rounds(args, runs, batches, provider)
-        loader_s = loader_run(runs["cached KD"], args.loader_steps, args.device) if args.loader_steps else []
-        report(args, times, memory, loader_s, results)
+        data = C.make_corpus(tmp / "corpus", corpus_samples(args), args.image_size)
+        measure(args, data, build_teacher_cache(args, data, tmp / "cache.zarr"), tmp, results)
     C.write_json(args.json, results)
 
 

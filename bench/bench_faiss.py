@@ -21,7 +21,7 @@ import faiss
 import numpy as np
 
 import _common as C  # noqa: N812 - also puts the repo on sys.path
-from common.retrieval import (IndexSpec, TopK, build_index, faiss_has_gpu, faiss_search, neighbour_recall,
+from evaluation.retrieval import (IndexSpec, TopK, build_index, faiss_has_gpu, faiss_search, neighbour_recall,
                               retrieval_metrics, retrieval_metrics_bruteforce)
 
 CAPTIONS_PER_IMAGE = 5

@@ -13,8 +13,8 @@ from common.corpus import ON_ERROR_CHOICES, Corpus
 from common.errors import (NON_NEGATIVE, POSITIVE, DataPatternGroup, check_device, reported_errors,
                            run_reporting_errors)
 from common.models import create_clip, is_hub_model
-from common.retrieval import retrieval_metrics, without_aliases
-from common.zeroshot import format_table, read_classnames, result_json, templates_for, zeroshot_metrics
+from evaluation.retrieval import retrieval_metrics, without_aliases
+from evaluation.zeroshot import format_table, read_classnames, result_json, templates_for, zeroshot_metrics
 from evaluation.compare import (RANDOM_INIT, RETRIEVAL_TASK, ZEROSHOT_TASK, Entry, ZeroshotTask, compare,
                                 markdown_table, write_figure)
 from evaluation.encode import cache_split, encode_classifier, encode_split

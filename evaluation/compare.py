@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from common.alignment import alignment_metrics
+from evaluation.alignment import alignment_metrics
 from common.corpus import Corpus
 from common.models import HUB_SCHEMAS, create_clip
-from common.retrieval import retrieval_metrics
-from common.zeroshot import PromptTemplates, as_percent, result_json, zeroshot_metrics
+from evaluation.retrieval import retrieval_metrics
+from evaluation.zeroshot import PromptTemplates, as_percent, result_json, zeroshot_metrics
 from evaluation.encode import EncodedSplit, encode_classifier, encode_split
 from evaluation.layout import shard_spec
 

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from common.cache import CacheStore, dequantize, join_to_cache
 from common.corpus import Corpus, Sample
 from common.models import LoadedCLIP
-from common.zeroshot import build_classifier
+from evaluation.zeroshot import build_classifier
 
 Captions = Literal["all", "first", "none"]
 NO_LABEL = -1

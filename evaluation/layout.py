@@ -4,7 +4,7 @@
   split's directory holds `classnames.txt` (and `templates.txt`, prompts with `{}`).
 * CLIP_benchmark's published webdatasets, used as they are: `--data` is the dataset root, shards are
   `<root>/test/{0..n-1}.tar` with n in `<root>/test/nshards.txt`, class names in `<root>/classnames.txt` and
-  prompts with `{c}` in `<root>/zeroshot_classification_templates.txt` (found by `common.zeroshot.templates_for`).
+  prompts with `{c}` in `<root>/zeroshot_classification_templates.txt` (found by `evaluation.zeroshot.templates_for`).
   Samples are an image (`.webp`, `.jpg`...) with `.txt` captions (retrieval) or a `.cls` label (classification).
 """
 from __future__ import annotations

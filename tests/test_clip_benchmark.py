@@ -22,8 +22,8 @@ from click.testing import CliRunner
 from clip_benchmark.metrics import zeroshot_retrieval
 from clip_benchmark.webdataset_builder import PIL_to_bytes, convert_dataset, convert_retrieval_dataset
 
-from common.retrieval import TIE_TOL, faiss_search, retrieval_metrics, torch_search
-from common.zeroshot import DEFAULT_TEMPLATE
+from evaluation.retrieval import TIE_TOL, faiss_search, retrieval_metrics, torch_search
+from evaluation.zeroshot import DEFAULT_TEMPLATE
 from evaluation.cli import main
 from tests.helpers import save_random_checkpoint
 

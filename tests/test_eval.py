@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 import common.models
 
-from common.retrieval import retrieval_metrics_bruteforce
+from evaluation.retrieval import retrieval_metrics_bruteforce
 from evaluation import compare as compare_module
 from evaluation.compare import RETRIEVAL_TASK, ZEROSHOT_TASK, Comparison, Entry, Evaluated, markdown_table
 from evaluation.cli import main

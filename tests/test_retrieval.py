@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.alignment import alignment_metrics, linear_cka, mean_paired_cosine
-from common.retrieval import (TIE_TOL, IndexSpec, default_nlist, faiss_has_gpu, retrieval_metrics,
+from evaluation.alignment import alignment_metrics, linear_cka, mean_paired_cosine
+from evaluation.retrieval import (TIE_TOL, IndexSpec, default_nlist, faiss_has_gpu, retrieval_metrics,
                               retrieval_metrics_bruteforce)
 
 KS = (1, 5, 10)

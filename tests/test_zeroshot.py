@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.zeroshot import (build_classifier, fill_template, format_table, read_classnames, read_templates,
+from evaluation.zeroshot import (build_classifier, fill_template, format_table, read_classnames, read_templates,
                              result_json, templates_for, zeroshot_metrics)
 
 CLASSNAMES = ["cat", "dog", "car"]

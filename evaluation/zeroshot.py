@@ -5,7 +5,7 @@ Metric names and semantics follow CLIP_benchmark (fractions in [0, 1]):
     is C, so ``acc5`` is then 1.0 by construction);
   * ``mean_per_class_recall``: top-1 recall averaged over the classes present in ``labels``
     (sklearn's balanced accuracy).
-Ties (optimistic, as in `common.retrieval`): a sample is correct at k iff fewer than k classes have a
+Ties (optimistic, as in `evaluation.retrieval`): a sample is correct at k iff fewer than k classes have a
 logit strictly greater than its true class's logit. Logits come from one matrix product, so equal
 scores are bit-identical and no tolerance is needed.
 """
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.retrieval import as_unit_float32
+from evaluation.retrieval import as_unit_float32
 
 log = logging.getLogger(__name__)
 

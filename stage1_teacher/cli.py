@@ -25,8 +25,8 @@ def main(verbose: bool):
 
 
 @main.command()
-@click.option("--teacher", required=True, help="open_clip model name or path to a model config JSON")
-@click.option("--pretrained", default=None, help="open_clip pretrained tag or local checkpoint path")
+@click.option("--teacher", required=True, help="open_clip model name, path to a model config JSON, or hub model (hf-hub:ORG/REPO, local-dir:PATH)")
+@click.option("--pretrained", default=None, help="open_clip pretrained tag (QuickGELU tags build the QuickGELU model), local checkpoint path, or a hub model of the same architecture")
 @click.option("--data", required=True, help="shards: brace pattern, directory, or '::'-separated list")
 @click.option("--out", required=True, help="the Zarr store to write (or resume): a path or URL (s3://...)")
 @click.option("--batch-size", default=256, show_default=True, type=POSITIVE)
@@ -60,8 +60,8 @@ def build(**kwargs):
 @main.command("add-teacher")
 @click.argument("store")
 @click.option("--name", required=True, help="the teacher's name in the store (kd-train --teachers NAME)")
-@click.option("--teacher", required=True, help="open_clip model name or path to a model config JSON")
-@click.option("--pretrained", default=None, help="open_clip pretrained tag or local checkpoint path")
+@click.option("--teacher", required=True, help="open_clip model name, path to a model config JSON, or hub model (hf-hub:ORG/REPO, local-dir:PATH)")
+@click.option("--pretrained", default=None, help="open_clip pretrained tag (QuickGELU tags build the QuickGELU model), local checkpoint path, or a hub model of the same architecture")
 @click.option("--data", required=True, help="the shards the store was built from")
 @click.option("--device", default="cpu", show_default=True, callback=check_device,
               help="cpu or cuda (cuda = this rank's GPU under torchrun)")

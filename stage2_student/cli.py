@@ -17,7 +17,7 @@ from stage2_student.train import DEFAULT_LOSSES, TrainOptions, train
 @click.command(cls=DataPatternCommand)
 @click.option("--data", required=True, help="training shards (brace pattern, directory or '::' list)")
 @click.option("--out", required=True, type=click.Path(), help="run directory: student.pt, resume.pt, metrics.jsonl")
-@click.option("--student", required=True, help="open_clip model name or model config JSON")
+@click.option("--student", required=True, help="open_clip model name, model config JSON, or hub model (hf-hub:ORG/REPO, local-dir:PATH: its weights are the start)")
 @click.option("--cache", default=None, type=click.Path(), help="teacher cache built by `kd-cache build`")
 @click.option("--losses", default=DEFAULT_LOSSES, show_default=True,
               help="name[:weight],... e.g. fd:2000,icl:1,crd:1; 'task' alone trains plain CLIP")
@@ -56,7 +56,7 @@ from stage2_student.train import DEFAULT_LOSSES, TrainOptions, train
               help="save every N steps (also at each epoch's end, and on SIGINT/SIGTERM)")
 @click.option("--resume", is_flag=True, help="continue the run in --out from its resume.pt")
 @click.option("--overwrite", is_flag=True, help="replace the run in --out (a non-empty --out is refused otherwise)")
-@click.option("--init", default=None, help="student initial weights (open_clip checkpoint)")
+@click.option("--init", default=None, help="student initial weights: open_clip checkpoint, pretrained tag, or hub model of the same architecture")
 @click.option("--target-memory-gb", default=None, type=POSITIVE_FLOAT,
               help="memory for cached targets per node, shared by its ranks: larger targets are read chunk-aware "
                    "instead of held whole (default: half the RAM)")

@@ -40,6 +40,13 @@ _POOLED_STUDENT = ("image_emb", "text_emb", "masked_image_emb")  # projected per
 _POOLED_TEACHER = ("image_emb", "text_emb", "image_grad", "text_grad")
 RUN_FILES = ("student.pt", "resume.pt", "metrics.jsonl", "options.json", "open_clip_config.json")
 MAX_WARMUP_FRACTION = 0.1  # a longer warm-up would spend the run at a near-zero learning rate
+# options compared on --resume (with the world size, the resolved precision and the live teachers' weights)
+TRAJECTORY_OPTIONS = ("data", "student", "cache", "losses", "teacher_targets", "teacher", "teachers",
+                      "synthetic_captions", "batch_size", "epochs", "steps", "lr", "wd", "warmup", "grad_clip",
+                      "augment", "batching", "seed", "shuffle_buffer", "init")
+# options a --resume may change: they do not change the numbers (options.json records from which step they applied)
+RESUMABLE_CHANGES = ("teacher_pretrained", "on_error", "device", "workers", "log_every", "save_every",
+                     "target_memory_gb")
 
 
 @dataclass
@@ -85,6 +92,12 @@ class TrainOptions:
             raise ValueError("--batch-size must be >= 2: contrastive losses need negatives")
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --out, --overwrite replaces it: give one of them")
+
+
+def option_name(field: str) -> str:
+    """How a person knows a compared option: its flag, or what the run derived it from."""
+    derived = {"world": "the torchrun world size", "teacher_weights": "the live teachers' weights (fingerprints)"}
+    return derived.get(field, "--" + field.replace("_", "-"))
 
 
 def param_groups(modules: list[torch.nn.Module], wd: float) -> list[dict]:
@@ -462,11 +475,11 @@ class Trainer:
         }, self.out / "resume.pt")
 
     def resume_options(self) -> dict:
-        """Options that must not change across --resume (they shape the run's numbers)."""
-        keep = ("data", "student", "cache", "losses", "teacher_targets", "batch_size", "epochs", "steps", "lr",
-                "wd", "warmup", "augment", "batching", "seed", "shuffle_buffer", "init", "teachers",
-                "synthetic_captions")
-        return {k: getattr(self.opts, k) for k in keep} | {"world": self.world}
+        """What must not change across --resume: every option that shapes the run's numbers (the others, in
+        RESUMABLE_CHANGES, may change and are recorded in options.json from the step they applied)."""
+        return {k: getattr(self.opts, k) for k in TRAJECTORY_OPTIONS} | {
+            "world": self.world, "precision": "bf16" if self.autocast_dtype is not None else "fp32",
+            "teacher_weights": {name: t.fingerprint for name, t in self.teachers.items()}}
 
     def load_resume(self) -> tuple[int, int]:
         path = self.out / "resume.pt"
@@ -474,10 +487,15 @@ class Trainer:
             raise FileNotFoundError(f"--resume: no {path}; start without --resume")
         state = upgrade_single_teacher_resume(torch.load(path, map_location="cpu", weights_only=True),
                                               self.loss_set.per_teacher_losses)
-        stored = json.loads(state["options"])
-        if stored != self.resume_options():
-            diff = {k: (stored.get(k), v) for k, v in self.resume_options().items() if stored.get(k) != v}
-            raise ValueError(f"--resume: {path} was written with other options {diff}; use the original ones")
+        stored, current = json.loads(state["options"]), self.resume_options()
+        unrecorded = [k for k in current if k not in stored]  # a resume.pt written before they were compared
+        if unrecorded:
+            log.warning("--resume: %s does not record %s (written before they were compared): assuming they did "
+                        "not change", path, ", ".join(option_name(k) for k in unrecorded))
+        diff = [f"{option_name(k)} {stored[k]} -> {v}" for k, v in current.items() if k in stored and stored[k] != v]
+        if diff:
+            raise ValueError(f"--resume: {path} was written with other options ({'; '.join(diff)}): give the "
+                             f"original ones, or start a new run in another --out")
         self.student.load_state_dict(state["student"])
         self.loss_set.load_state_dict(state["losses"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -510,11 +528,26 @@ class Trainer:
             kept = [line for line in (metrics_path.read_text().splitlines() if self.opts.resume and
                                       metrics_path.exists() else []) if json.loads(line)["step"] <= self.step]
             metrics_path.write_text("".join(line + "\n" for line in kept))  # drop steps redone after a crash
-            (self.out / "options.json").write_text(json.dumps(asdict(self.opts) | {"warmup_steps": self.warmup},
-                                                              indent=2))
+            (self.out / "options.json").write_text(json.dumps(self.recorded_options(), indent=2))
             # plain open_clip loads student.pt with this: add_model_config(it), then create_model(its stem)
             (self.out / "open_clip_config.json").write_text(json.dumps(self.student_clip.config, indent=2))
         return metrics_path
+
+    def recorded_options(self) -> dict:
+        """options.json: the options the run started with; a --resume that changes one of RESUMABLE_CHANGES
+        appends {"from_step": N, option: value} to its "changes"."""
+        options = asdict(self.opts) | {"warmup_steps": self.warmup}
+        path = self.out / "options.json"
+        if not (self.opts.resume and path.is_file()):
+            return options
+        recorded = json.loads(path.read_text())
+        in_effect = recorded.copy()
+        for change in recorded.get("changes", []):
+            in_effect.update(change)
+        changed = {k: options[k] for k in RESUMABLE_CHANGES if in_effect.get(k) != options[k]}
+        if changed:
+            recorded["changes"] = [*recorded.get("changes", []), {"from_step": self.step + 1, **changed}]
+        return recorded
 
     def loop(self, signals: StopSignals) -> dict:
         epoch, start = self.load_resume() if self.opts.resume else (0, 0)

@@ -203,3 +203,21 @@ def test_two_ranks_refuse_an_indivisible_batch_and_gather_without_deprecated_api
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert "all_gather is deprecated" not in ran.stderr  # torch.distributed.nn's all_gather warned on every step
     assert (tmp_path / "even.lock").read_text().strip().isdigit()  # rank 0 held the lock
+
+
+def test_resume_refuses_changed_trajectory_options_and_records_the_changes_it_allows(synth_corpus, tmp_path):
+    run = tmp_path / "run"
+    cli("stage2_student.cli", "--out", run, *tiny_run(synth_corpus, "--save-every", 1))
+    options = (run / "options.json").read_text()
+    for changed, said in ((["--grad-clip", "1.0"], "--grad-clip None -> 1.0"),
+                          (["--precision", "bf16"], "--precision fp32 -> bf16")):
+        refused = cli("stage2_student.cli", "--out", run, "--resume", *tiny_run(synth_corpus, *changed), check=False)
+        assert refused.returncode == 1 and said in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+        assert "give the original ones" in refused.stderr
+        assert (run / "options.json").read_text() == options
+    cli("stage2_student.cli", "--out", run, "--resume", *tiny_run(synth_corpus, "--save-every", 1, "--log-every", 2,
+                                                                 "--on-error", "skip"))
+    recorded = json.loads((run / "options.json").read_text())
+    assert recorded["log_every"] == 1 and recorded["on_error"] == "raise" and recorded["grad_clip"] is None
+    assert recorded["changes"] == [{"from_step": 3, "log_every": 2, "on_error": "skip"}]
+

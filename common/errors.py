@@ -32,7 +32,7 @@ class Interrupted(Exception):
         self.exit_code = 128 + signum
 
 
-# ValueError covers the option checks and the losses' LossSpecError; FileNotFoundError a missing --resume file
+# ValueError covers the option checks and the losses' LossSpecError; FileNotFoundError a missing input file
 USER_ERRORS = (CacheError, CorpusError, ModelError, ValueError, FileNotFoundError, OutputLocked, NonFiniteError,
                Interrupted)
 _DISK_FULL_ADVICE = "free space there and re-run the same command"

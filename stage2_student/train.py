@@ -183,14 +183,23 @@ def capped_warmup(warmup: int, total_steps: int) -> int:
 
 
 def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to write over a run or into an unrelated non-empty directory unless told to."""
+    """Refuse to write over a run or into an unrelated non-empty directory unless told to, and --resume without a
+    resume.pt; a run killed before its first save gets one answer, with or without --resume."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: give a directory")
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if not entries or resume:
+    holds_run, saved = bool(set(entries) & set(RUN_FILES)), "resume.pt" in entries
+    if holds_run and not saved and not overwrite:
+        raise ValueError(f"--out {out} holds a run that stopped before its first save (no resume.pt), so there is "
+                         f"nothing to resume: start it again with --overwrite, or choose another --out")
+    if resume:
+        if not saved:
+            raise ValueError(f"--resume: {out} holds no run to continue (no resume.pt): start without --resume")
+        return
+    if not entries:
         return
     if not overwrite:
-        what = "holds a run" if set(entries) & set(RUN_FILES) else "is a non-empty directory"
+        what = "holds a run" if holds_run else "is a non-empty directory"
         raise ValueError(f"--out {out} {what} ({', '.join(entries[:4])}{', ...' if len(entries) > 4 else ''}): "
                          f"--resume continues a run, --overwrite replaces it, or choose another --out")
     for name in RUN_FILES:  # only this tool's files: --overwrite never deletes what it did not write
@@ -483,8 +492,6 @@ class Trainer:
 
     def load_resume(self) -> tuple[int, int]:
         path = self.out / "resume.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"--resume: no {path}; start without --resume")
         state = upgrade_single_teacher_resume(torch.load(path, map_location="cpu", weights_only=True),
                                               self.loss_set.per_teacher_losses)
         stored, current = json.loads(state["options"]), self.resume_options()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import subprocess
 import sys
+import time
 
 import click
 import open_clip
@@ -18,7 +20,7 @@ from evaluation.cli import main as kd_eval
 from stage1_teacher.cli import main as kd_cache
 from stage2_student.cli import main as kd_train
 from stage2_student.train import Trainer, TrainOptions
-from tests.helpers import cli, save_random_checkpoint, torchrun
+from tests.helpers import REPO, cli, save_random_checkpoint, torchrun
 
 STUDENT, TEACHER = "kd-test-student", "kd-test-teacher"
 
@@ -221,3 +223,20 @@ def test_resume_refuses_changed_trajectory_options_and_records_the_changes_it_al
     assert recorded["log_every"] == 1 and recorded["on_error"] == "raise" and recorded["grad_clip"] is None
     assert recorded["changes"] == [{"from_step": 3, "log_every": 2, "on_error": "skip"}]
 
+
+def test_a_run_killed_before_its_first_save_gets_one_answer(synth_corpus, tmp_path):
+    run = tmp_path / "run"
+    args = tiny_run(synth_corpus, "--steps", 1000, "--save-every", 1000)
+    proc = subprocess.Popen([sys.executable, "-m", "stage2_student.cli", "--out", str(run), *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None and not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text()):
+        time.sleep(0.01)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL and not (run / "resume.pt").exists()
+    answer = f"--out {run} holds a run that stopped before its first save (no resume.pt), so there is nothing to resume"
+    for extra in ([], ["--resume"]):
+        result = cli("stage2_student.cli", "--out", run, *extra, *args, check=False)
+        assert result.returncode == 1 and answer in result.stderr and "start it again with --overwrite" in result.stderr
+    cli("stage2_student.cli", "--out", run, "--overwrite", *tiny_run(synth_corpus))
+    empty = cli("stage2_student.cli", "--out", tmp_path / "new", "--resume", *tiny_run(synth_corpus), check=False)
+    assert empty.returncode == 1 and "holds no run to continue (no resume.pt): start without --resume" in empty.stderr

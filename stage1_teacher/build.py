@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, replace
 
@@ -73,6 +74,8 @@ class BuildOptions:
             raise ValueError(f"--window-blocks must be >= 0, got {self.window_blocks}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r}: choose one of {sorted(DTYPES)}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"--seed {self.seed}: give a whole number from 0 to 2**63 - 1")
 
     @property
     def adds_teacher(self) -> bool:
@@ -105,6 +108,28 @@ def store_attrs(opts: BuildOptions, teacher: LoadedCLIP, corpus: Corpus) -> dict
         "teacher_logit_scale": teacher.logit_scale,
         "grad_scale": opts.grad_batch / teacher.logit_scale if opts.grads else None,
     }
+
+
+def check_fits_in_memory(opts: BuildOptions, teacher: LoadedCLIP, num_rows: int) -> None:
+    """Refuse, before a store is made, options whose buffers this machine cannot hold (the build would fail to
+    allocate them, or swap): per rank, a window's embeddings (float32, stored and gradient copies), its
+    gradient-batch chunk (int64 per nominal window row) and the rendered image batches in flight."""
+    views, dim = 1 + opts.views, teacher.embed_dim
+    size = teacher.config["vision_cfg"].get("image_size", 224)
+    pixels = size * size if isinstance(size, int) else math.prod(size)
+    window_rows = opts.blocks_per_window * opts.chunk_rows
+    held_rows = min(window_rows, num_rows)
+    batches_in_flight = opts.workers * 4 + 1  # the loader's prefetch_factor per worker, and the one being encoded
+    need = {"window": held_rows * (views + 1) * dim * 4 * 3 + (window_rows * 8 if opts.grads else 0),
+            "image batches": batches_in_flight * min(opts.batch_size, num_rows) * views * 3 * pixels * 4}
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // ranks
+    if sum(need.values()) > memory:
+        parts = ", ".join(f"{what} {n / 2**30:.1f} GiB" for what, n in need.items())
+        raise ValueError(f"a window of {window_rows} rows (--chunk-rows {opts.chunk_rows} x --window-blocks "
+                         f"{opts.blocks_per_window}), --views {opts.views}, --batch-size {opts.batch_size} and "
+                         f"--workers {opts.workers}: a build needs at least {sum(need.values()) / 2**30:.1f} GiB per "
+                         f"rank ({parts}), more than this machine's {memory / 2**30:.1f} GiB per rank: lower them")
 
 
 def window_blocks(n_blocks: int, per_window: int, seed: int) -> list[np.ndarray]:
@@ -345,6 +370,7 @@ def build_cache(opts: BuildOptions) -> str:
     corpus = Corpus.open(opts.data, on_error=opts.on_error, known=[known] if known else [])
     teacher = create_clip(opts.teacher, opts.pretrained, device=device)
     teacher.model.eval()
+    check_fits_in_memory(opts, teacher, corpus.num_samples)
     attrs = store_attrs(opts, teacher, corpus)
 
     decision: tuple[str, str] = ("ok", "")

@@ -252,6 +252,9 @@ class Trainer:
                    else {MAIN_TEACHER: model_config(opts.teacher) if opts.teacher else None})
         self.loss_set = LossSet(opts.losses, {name: loss_dims(self.student_clip, c) for name, c in configs.items()})
         check_student_fits_losses(self.student_clip, self.loss_set)
+        for name in (name for name, weight in self.loss_set.weights.items() if weight == 0):
+            log.warning("--losses %s: %s has weight 0, so it adds nothing to the loss but is still computed (its "
+                        "teacher targets read): drop it, or give it a weight", opts.losses, name)
         needs, optional = self.loss_set.teacher_needs, self.loss_set.teacher_optional
         if needs and self.cache is None and not (opts.teacher and opts.teacher_targets == "live"):
             raise CacheError(f"--losses {opts.losses} needs teacher targets ({', '.join(sorted(needs))}): "

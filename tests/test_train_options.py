@@ -45,6 +45,16 @@ def tiny_run(synth_corpus, *extra) -> list[str]:
     (kd_train, ["--lr", "-1e-3"], "--lr"),
     (kd_train, ["--target-memory-gb", "0"], "--target-memory-gb"),
     (kd_train, ["--warmup", "-5"], "--warmup"),
+    (kd_train, ["--target-memory-gb", "nan"], "--target-memory-gb"),
+    (kd_train, ["--target-memory-gb", "inf"], "--target-memory-gb"),
+    (kd_train, ["--wd", "nan"], "--wd"),
+    (kd_train, ["--grad-clip", "nan"], "--grad-clip"),
+    (kd_train, ["--lr", "inf"], "--lr"),
+    (kd_train, ["--synthetic-captions", "nan"], "--synthetic-captions"),
+    (kd_train, ["--losses", "task,fd:1e400"], "--losses"),
+    (kd_train, ["--seed", str(2**64)], "--seed"),
+    (kd_cache, ["build", "--seed", "-1"], "--seed"),
+    (kd_cache, ["build", "--seed", str(2**64)], "--seed"),
     (kd_cache, ["build", "--batch-size", "0"], "--batch-size"),
     (kd_cache, ["build", "--grad-batch", "1"], "--grad-batch"),
     (kd_cache, ["build", "--views", "-1"], "--views"),
@@ -240,3 +250,18 @@ def test_a_run_killed_before_its_first_save_gets_one_answer(synth_corpus, tmp_pa
     cli("stage2_student.cli", "--out", run, "--overwrite", *tiny_run(synth_corpus))
     empty = cli("stage2_student.cli", "--out", tmp_path / "new", "--resume", *tiny_run(synth_corpus), check=False)
     assert empty.returncode == 1 and "holds no run to continue (no resume.pt): start without --resume" in empty.stderr
+
+
+@pytest.mark.parametrize("args", [["--chunk-rows", 10**12], ["--window-blocks", 10**9], ["--views", 100000]])
+def test_a_build_the_machine_cannot_hold_is_refused_before_its_store_exists(synth_corpus, tmp_path, args):
+    out = tmp_path / "s.zarr"
+    result = CliRunner().invoke(kd_cache, ["build", "--teacher", TEACHER, "--data", str(synth_corpus / "val"),
+                                           "--out", str(out), "--workers", "0", *map(str, args)])
+    assert result.exit_code == 1 and "a build needs at least" in result.output and "lower them" in result.output
+    assert "more than this machine's" in result.output and not out.exists(), result.output
+
+
+def test_a_zero_loss_weight_warns(synth_corpus, tmp_path):
+    result = cli("stage2_student.cli", "--out", tmp_path / "r", *tiny_run(synth_corpus, "--losses", "task:0",
+                                                                          "--steps", 1))
+    assert "--losses task:0: task has weight 0, so it adds nothing to the loss" in result.stderr

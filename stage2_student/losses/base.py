@@ -14,6 +14,7 @@ Losses that read no teacher target run once.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import ClassVar
@@ -138,6 +139,9 @@ def parse_loss_spec(spec: str) -> list[tuple[str, float | None]]:
         if weight and not _WEIGHT.match(weight.strip()):
             raise LossSpecError(f"--losses {spec!r}: weight {weight!r} of {name!r} is not a non-negative number "
                                 f"(e.g. 2000, 0.5, 1e8)")
+        if weight and not math.isfinite(float(weight)):
+            raise LossSpecError(f"--losses {spec!r}: weight {weight!r} of {name!r} is beyond a float's range "
+                                f"(at most about 1.8e308)")
         items.append((name, float(weight) if weight else None))
     return items
 

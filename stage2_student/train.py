@@ -27,6 +27,7 @@ from common.cache import CAPTIONS, MAIN_TEACHER, CacheError, CacheStore, join_to
 from common.corpus import Corpus
 from common.errors import Interrupted, NonFiniteError, as_disk_full
 from common.lock import output_lock
+from common.storage import cache_dir
 from common.models import LoadedCLIP, clip_from_provenance, create_clip, model_config, named_weights
 from stage2_student.data import CaptionPolicy, Renderer, TrainBatches, ViewPolicy, shuffled_rows
 from stage2_student.losses import LossSet
@@ -566,7 +567,8 @@ class Trainer:
                  self.total_steps, self.opts.batch_size, self.warmup, self.skipped_invalid,
                  sum(p.memory_bytes for p in self.targets.values()) / 2**20,
                  "of chunks read on demand (over --target-memory-gb)" if any(p.chunked for p in self.targets.values())
-                 else "in memory")
+                 else f"memory-mapped from this node's copy in {cache_dir() / 'targets'}"
+                 if any(p.node_local for p in self.targets.values()) else "in memory")
         last: dict = {}
         window_start, window_samples = time.perf_counter(), 0
         # closed on an error too, so that the error starts on its own line

@@ -15,10 +15,9 @@ from collections import OrderedDict
 
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec
 
 from common.corpus import Corpus
-from common.index import CorpusIndex, read_index, write_index
+from common.index import CHECKSUM, CorpusIndex, read_index, write_index
 from common.storage import StorageError, exists, join
 
 # Every chunk of a finished store is written, even one equal to the fill value (all-zero flips, an all-invalid
@@ -29,7 +28,6 @@ FORMAT_VERSION = 2
 CHUNK_ROWS = 2048
 DTYPES = {"fp16": "float16", "fp32": "float32", "int8": "int8"}
 GRAD_DTYPE = "float16"  # stored as g * grad_scale (grad_scale = grad_batch / s_t): values O(1), fp16-exact to 5e-4
-CHECKSUM = (Crc32cCodec(),)
 # Provenance sections that must match for a store to be resumed or used with given data / teacher.
 PROVENANCE_KEYS = ("format_version", "teacher", "corpus", "build")
 # Attributes that shape the targets: hashed into `content_hash`, checked on every open.
@@ -109,7 +107,7 @@ def create_store(url: str, attrs: dict, index: CorpusIndex) -> zarr.Group:
     if build["grads"]:  # one chunk per window: the rank that computes a window writes its chunk alone
         group.create_array("grad_batches", shape=(n_windows * slots, build["grad_batch"]),
                            chunks=(slots, build["grad_batch"]), dtype="int64", fill_value=-1, compressors=CHECKSUM)
-    write_index(group.create_group("index"), index, codecs=CHECKSUM)
+    write_index(group.create_group("index"), index)
     group.attrs.update({**attrs, "content_hash": content_hash(attrs), "complete": False})
     return group
 

@@ -30,6 +30,7 @@ from typing import Iterator
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec
 from webdataset.tariterators import base_plus_ext
 
 from common import dist
@@ -38,6 +39,7 @@ from common.storage import Stat, StorageError, cache_dir, describe_failure, is_r
 log = logging.getLogger("kd-index")
 INDEX_VERSION = 1
 BLOCK = 512
+CHECKSUM = (Crc32cCodec(),)  # every chunk of a store's arrays and of an index (the store's or a sidecar)
 SCAN_THREADS = 8  # concurrent remote shard scans per process (I/O bound)
 
 
@@ -237,17 +239,18 @@ _SHARD_ARRAYS = ("urls", "names", "versions", "errors")
 _NUMERIC = ("sizes", "counts", "ends", "offsets", "key_ends", "key_bytes")
 
 
-def write_index(group: zarr.Group, index: CorpusIndex, codecs=None) -> None:
-    """Write the index's arrays into `group` (created by the caller: a store's `index/` or a sidecar)."""
+def write_index(group: zarr.Group, index: CorpusIndex) -> None:
+    """Write the index's arrays into `group` (created by the caller: a store's `index/` or a sidecar), every chunk
+    with a CRC32C checksum."""
     for name in _SHARD_ARRAYS:
         values = np.array(getattr(index, name), dtype=str)
         group.create_array(name, shape=values.shape, dtype=str, chunks=(max(len(values), 1),),
-                           fill_value="", overwrite=True)[...] = values
+                           fill_value="", overwrite=True, compressors=CHECKSUM)[...] = values
     for name in _NUMERIC:
         values = getattr(index, name)
         chunks = (max(1, min(len(values), 1 << 22)),)
         array = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=chunks, fill_value=0,
-                                   overwrite=True, compressors=codecs)
+                                   overwrite=True, compressors=CHECKSUM)
         array[...] = values
     group.attrs["index_version"] = INDEX_VERSION
 
@@ -257,7 +260,22 @@ def read_index(group: zarr.Group) -> CorpusIndex:
         raise ValueError(f"index version {group.attrs.get('index_version')}, expected {INDEX_VERSION}")
     parts = {name: [str(v) for v in group[name][...]] for name in _SHARD_ARRAYS}
     parts |= {name: group[name][...] for name in _NUMERIC}
-    return CorpusIndex(**parts)
+    index = CorpusIndex(**parts)
+    check_consistent(index)
+    return index
+
+
+def check_consistent(index: CorpusIndex) -> None:
+    """The arrays fit together (an edited shape or a stray value would otherwise misplace samples)."""
+    shards = len(index.names)
+    if not all(len(values) == shards for values in (index.urls, index.versions, index.errors, index.sizes,
+                                                      index.counts, index.ends)):
+        raise ValueError(f"the per-shard arrays do not all have {shards} entries")
+    if int(index.counts.sum()) != index.num_samples or len(index.key_ends) != index.num_samples:
+        raise ValueError(f"the shards count {int(index.counts.sum())} samples, offsets has {index.num_samples} and "
+                         f"key_ends {len(index.key_ends)}")
+    if index.num_samples and (int(index.key_ends[-1]) != len(index.key_bytes) or (np.diff(index.key_ends) < 0).any()):
+        raise ValueError("key_ends does not rise to the length of key_bytes")
 
 
 def sidecar_url(urls: list[str]) -> str:
@@ -266,11 +284,21 @@ def sidecar_url(urls: list[str]) -> str:
 
 
 def load_sidecar(urls: list[str]) -> CorpusIndex | None:
+    """The sidecar of `urls`, or None when there is none yet, or when it is damaged, unreadable or unchecked (its
+    shards are then indexed again, and the sidecar rewritten)."""
     path = sidecar_url(urls)
     try:
-        return read_index(zarr.open_group(path, mode="r"))
-    except (FileNotFoundError, KeyError, ValueError, zarr.errors.GroupNotFoundError) as e:
-        log.debug("no usable index sidecar at %s (%s)", path, e)
+        group = zarr.open_group(path, mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return None
+    try:
+        unchecked = [name for name in _SHARD_ARRAYS + _NUMERIC
+                     if not any(isinstance(codec, Crc32cCodec) for codec in group[name].compressors)]
+        if unchecked:
+            raise ValueError(f"{', '.join(unchecked)} have no checksums (written by an older version)")
+        return read_index(group)
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError, zarr.errors.BaseZarrError) as e:
+        log.warning("corpus index sidecar %s is damaged or unreadable (%s): indexing its shards again", path, e)
         return None
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import zarr
 
 from common.corpus import Corpus
-from common.index import CHECKSUM, CorpusIndex, read_index, write_index
+from common.index import CHECKSUM, ChunkDamage, CorpusIndex, read_index, read_rows, write_index
 from common.storage import StorageError, exists, join
 
 # Every chunk of a finished store is written, even one equal to the fill value (all-zero flips, an all-invalid
@@ -153,19 +153,11 @@ def store_index(url: str) -> CorpusIndex | None:
 
 
 def read_chunked(array: zarr.Array, start: int, stop: int, what: str) -> np.ndarray:
-    """array[start:stop]; a checksum or decoding failure becomes a CacheError naming the array and chunk."""
+    """array[start:stop]; a checksum or decoding failure becomes a CacheError naming `what`, the array and chunk."""
     try:
-        return array[start:stop]
-    except (ValueError, RuntimeError) as e:
-        rows = array.chunks[0]
-        for first in range(start - start % rows, stop, rows):  # find the chunk at fault
-            try:
-                array[first:first + rows]
-            except (ValueError, RuntimeError):
-                raise CacheError(f"{what}: array {array.name.strip('/')}, chunk {first // rows} (rows {first}.."
-                                 f"{min(first + rows, array.shape[0]) - 1}) is damaged ({e}); rebuild the store "
-                                 f"with `kd-cache build --overwrite`") from e
-        raise
+        return read_rows(array, start, stop)
+    except ChunkDamage as e:
+        raise CacheError(f"{what}: {e}; rebuild the store with `kd-cache build --overwrite`") from e
 
 
 class CacheStore:
@@ -287,7 +279,11 @@ class CacheStore:
     def index(self) -> CorpusIndex:
         """The store's corpus index, read once (opening the corpus and joining it to the store both use it)."""
         if self._index is None:
-            self._index = read_index(self.group["index"])
+            try:
+                self._index = read_index(self.group["index"])
+            except (ValueError, KeyError) as e:  # a damaged chunk, broken metadata, arrays that do not fit
+                raise CacheError(f"cache {self.path}: its corpus index is damaged: {e}; rebuild the store with "
+                                 f"`kd-cache build --overwrite`") from e
         return self._index
 
     def to_float(self, name: str, stored: np.ndarray) -> np.ndarray:

@@ -255,11 +255,31 @@ def write_index(group: zarr.Group, index: CorpusIndex) -> None:
     group.attrs["index_version"] = INDEX_VERSION
 
 
+class ChunkDamage(ValueError):
+    """A chunk that fails its checksum or does not decode (the message names the array and the chunk)."""
+
+
+def read_rows(array: zarr.Array, start: int, stop: int) -> np.ndarray:
+    """array[start:stop]; a checksum or decoding failure becomes a ChunkDamage naming the array and chunk."""
+    try:
+        return array[start:stop]
+    except (ValueError, RuntimeError) as e:
+        rows = array.chunks[0]
+        for first in range(start - start % rows, stop, rows):  # find the chunk at fault
+            try:
+                array[first:first + rows]
+            except (ValueError, RuntimeError):
+                raise ChunkDamage(f"array {array.name.strip('/')}, chunk {first // rows} (rows {first}.."
+                                  f"{min(first + rows, array.shape[0]) - 1}) is damaged ({e})") from e
+        raise
+
+
 def read_index(group: zarr.Group) -> CorpusIndex:
     if group.attrs.get("index_version") != INDEX_VERSION:
         raise ValueError(f"index version {group.attrs.get('index_version')}, expected {INDEX_VERSION}")
-    parts = {name: [str(v) for v in group[name][...]] for name in _SHARD_ARRAYS}
-    parts |= {name: group[name][...] for name in _NUMERIC}
+    whole = lambda name: read_rows(group[name], 0, group[name].shape[0])  # noqa: E731
+    parts = {name: [str(v) for v in whole(name)] for name in _SHARD_ARRAYS}
+    parts |= {name: whole(name) for name in _NUMERIC}
     index = CorpusIndex(**parts)
     check_consistent(index)
     return index

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from common import dist
 from common.cache import (CAPTIONS, CHUNK_ROWS, DTYPES, FORMAT_VERSION, MAIN_TEACHER, TEACHER_ATTRS, TEACHER_NAME, TEACHERS,
                           CacheError, create_store, create_teacher_group, dequantize, grad_slots, open_group,
-                          provenance_diff, quantize, store_index, teacher_group)
+                          provenance_diff, quantize, read_chunked, store_index, teacher_group)
 from common.contrastive import clip_loss_grads
 from common.corpus import Corpus
 from common.models import LoadedCLIP, create_clip
@@ -388,7 +388,7 @@ def build_cache(opts: BuildOptions) -> str:
         return opts.out
 
     root, group = zarr.open_group(opts.out, mode="r+"), teacher_group(opts.out, opts.name)
-    done = group["blocks_done"][...]
+    done = read_chunked(group["blocks_done"], 0, group["blocks_done"].shape[0], f"cache {opts.out}")
     windows = window_blocks(len(done), opts.blocks_per_window, opts.seed)
     todo = [w for w, blocks in enumerate(windows) if not done[blocks].all()]
     mine = {w: windows[w] for w in todo[rank::world]}

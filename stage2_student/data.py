@@ -95,10 +95,10 @@ class CaptionPolicy:
     targets (`caption_text_emb`) all use the chosen one. Captions are read chunk by chunk (`ChunkedRows`), never
     held whole: N x C strings would cost gigabytes at CC12M scale."""
 
-    def __init__(self, probability: float, seed: int, captions: zarr.Array | None = None):
+    def __init__(self, probability: float, seed: int, captions: zarr.Array | None = None, store: str = ""):
         if probability and captions is None:
             raise ValueError("synthetic captions were asked for, but the store has none: run `kd-cache captions`")
-        self.probability, self.seed, self.captions = probability, seed, captions
+        self.probability, self.seed, self.captions, self.store = probability, seed, captions, store
         self.num = 0 if captions is None else captions.shape[1]
         self.reader: ChunkedRows | None = None
 
@@ -113,7 +113,7 @@ class CaptionPolicy:
         if not len(synthetic):
             return own
         if self.reader is None:  # opened in the DataLoader worker that reads
-            self.reader = ChunkedRows(self.captions, max_chunks=2, what="synthetic captions")
+            self.reader = ChunkedRows(self.captions, max_chunks=2, what=f"synthetic captions of cache {self.store}")
         rows = np.array([cache_rows[i] for i in synthetic])
         read = self.reader.take(rows)[np.arange(len(rows)), chosen[synthetic]]
         texts = list(own)

@@ -333,7 +333,7 @@ class Trainer:
             if store.teacher_group.attrs.get("captions") != current:
                 raise CacheError(f"--synthetic-captions: teacher {name} of {self.opts.cache} has not embedded the "
                                  f"current captions: re-run `kd-cache captions` (it embeds them with every teacher)")
-        return CaptionPolicy(p, self.opts.seed, self.cache.group[f"{CAPTIONS}/text"])
+        return CaptionPolicy(p, self.opts.seed, self.cache.group[f"{CAPTIONS}/text"], self.opts.cache)
 
     def live_teachers(self) -> dict[str, LoadedCLIP]:
         """The live fallback: every teacher the run learns from, each checked against its provenance."""

@@ -118,3 +118,21 @@ def test_int8_store_without_gradients(synth_corpus, teacher_ckpt, pristine, tmp_
                   "--student", STUDENT, "--losses", "gd", "--batching", "cache", "--batch-size", "32", "--steps", "1",
                   "--workers", "0", check=False)
     assert refused.returncode == 1 and "grad" in refused.stderr
+
+
+def test_a_damaged_index_chunk_names_store_array_and_chunk_in_every_command(store, synth_corpus, tmp_path):
+    chunk = store / "index" / "offsets" / "c" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[40] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    said = (f"cache {store}: its corpus index is damaged: array index/offsets, chunk 0 (rows 0..191) is damaged "
+            f"(Stored and computed checksum do not match")
+    results = [train(synth_corpus, store, tmp_path / "run"),
+               cli("evaluation.cli", "retrieval", "--cache", store, "--data", synth_corpus / "train", check=False),
+               cli("stage1_teacher.cli", "verify", store, "--data", synth_corpus / "train", "--sample", "4",
+                   check=False)]
+    for result in results:
+        assert result.returncode == 1 and said in result.stderr, result.stderr[-2000:]
+        assert "rebuild the store with `kd-cache build --overwrite`" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "student.pt").exists()

@@ -147,8 +147,7 @@ class Corpus:
         """What identifies the corpus for provenance: shard names, byte sizes and sample counts."""
         return {
             "num_samples": self.num_samples,
-            "shards": [{"name": n, "size": int(s), "count": int(c)}
-                       for n, s, c in zip(self.index.names, self.index.sizes, self.index.counts)],
+            "shards": self.index.shard_identities(),
         }
 
     def locate(self, row: int) -> tuple[int, int]:

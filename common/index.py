@@ -184,6 +184,10 @@ class CorpusIndex:
     def nbytes(self) -> int:
         return self.offsets.nbytes + self.key_ends.nbytes + self.key_bytes.nbytes
 
+    def shard_identities(self) -> list[dict]:
+        """What identifies each shard for provenance: name, byte size, sample count."""
+        return [{"name": n, "size": int(s), "count": int(c)} for n, s, c in zip(self.names, self.sizes, self.counts)]
+
     def shard_of(self, rows: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.first_rows, rows, side="right") - 1
 

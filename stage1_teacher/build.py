@@ -27,9 +27,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from common import dist
-from common.cache import (CAPTIONS, CHUNK_ROWS, DTYPES, FORMAT_VERSION, MAIN_TEACHER, TEACHER_ATTRS, TEACHER_NAME, TEACHERS,
-                          CacheError, create_store, create_teacher_group, dequantize, grad_slots, open_group,
-                          provenance_diff, quantize, read_chunked, store_index, teacher_group)
+from common.cache import (CAPTIONS, CHUNK_ROWS, COMPLETE_KEYS, DTYPES, FORMAT_VERSION, MAIN_TEACHER, TEACHER_ATTRS,
+                          TEACHER_NAME, TEACHERS, CacheError, content_hash, create_store, create_teacher_group,
+                          dequantize, grad_slots, open_group, provenance_diff, quantize, read_chunked, store_index,
+                          teacher_group)
 from common.contrastive import clip_loss_grads
 from common.corpus import Corpus
 from common.models import LoadedCLIP, create_clip
@@ -426,13 +427,15 @@ def build_cache(opts: BuildOptions) -> str:
     if rank == 0:
         valid = group["valid"][...]
         previous = list(group.attrs.get("invalid_examples", []))
-        group.attrs.update({
+        finished = {
             "invalid_count": int((~valid).sum()),
             "invalid_examples": sorted(set(previous + all_errors))[:100],
             "corpus_errors": corpus.errors,
             "options": {"on_error": opts.on_error, "workers": opts.workers, "device": opts.device, "world": world},
             "complete": True,
-        })
+        }
+        # one update: a store is never complete without the hash that seals what it finished with
+        group.attrs.update(finished | {"complete_hash": content_hash(dict(group.attrs) | finished, COMPLETE_KEYS)})
         rate = rows_todo / elapsed if elapsed > 0 else float("nan")
         log.info("wrote %s: %d rows (%d this run, %.1f samples/s on rank 0, %d ranks), %d invalid, %.1f s",
                  opts.out, corpus.num_samples, rows_done, rate, world, int((~valid).sum()), elapsed)

@@ -136,3 +136,28 @@ def test_a_damaged_index_chunk_names_store_array_and_chunk_in_every_command(stor
         assert "rebuild the store with `kd-cache build --overwrite`" in result.stderr
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "student.pt").exists()
+
+
+def test_edited_array_metadata_is_refused_in_every_command(store, synth_corpus, tmp_path):
+    meta_path = store / "image_emb" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["shape"][0] = 100  # of 192 rows
+    meta_path.write_text(json.dumps(meta))
+    said = (f"cache {store}: array image_emb has shape (100, 48), chunks (32, 48), dtype float16, where its build "
+            f"makes (192, 48), (32, 48), float16: its zarr.json was edited or damaged")
+    results = [train(synth_corpus, store, tmp_path / "run"),
+               cli("evaluation.cli", "retrieval", "--cache", store, "--data", synth_corpus / "train", check=False),
+               cli("stage1_teacher.cli", "verify", store, "--data", synth_corpus / "train", "--sample", "4",
+                   check=False)]
+    for result in results:
+        assert result.returncode == 1 and said in result.stderr, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr and "broadcast" not in result.stdout + result.stderr
+    assert not (tmp_path / "run" / "student.pt").exists()
+
+
+def test_edited_completion_attributes_are_refused(store):
+    meta = json.loads((store / "zarr.json").read_text())
+    meta["attributes"]["invalid_count"] = 7
+    (store / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(CacheError, match="attributes were changed after the build finished .*invalid_count"):
+        CacheStore(str(store))

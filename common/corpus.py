@@ -130,6 +130,10 @@ class Corpus:
                 raise CorpusError(f"shard {url}: {error}. Repair or remove the shard, "
                                   f"or pass --on-error skip to use the samples before the damage")
         corpus = cls(index, spec if isinstance(spec, str) else "::".join(map(str, spec)))
+        for lost in corpus.lost if dist.rank_world()[0] == 0 else []:
+            log.warning("shard %s is damaged at byte %d (%s): its samples from there on are lost, the %d before it "
+                        "are used (--on-error skip)", lost["shard"], lost["byte_offset"], lost["error"],
+                        lost["samples_before"])
         if corpus.num_samples == 0:
             raise CorpusError(f"data spec {spec!r}: the shards hold no sample")
         return corpus
@@ -142,6 +146,15 @@ class Corpus:
     @property
     def errors(self) -> list[str]:
         return [f"{url}: {error}" for url, error in zip(self.index.urls, self.index.errors) if error]
+
+    @property
+    def lost(self) -> list[dict]:
+        """Damaged shards, kept with --on-error skip: their samples from `byte_offset` on are lost (how many is not
+        known: the damage hides them), `samples_before` are used."""
+        index = self.index
+        return [{"shard": url, "byte_offset": int(min(end, size)), "samples_before": int(count), "error": error}
+                for url, error, end, size, count in zip(index.urls, index.errors, index.ends, index.sizes,
+                                                        index.counts) if error]
 
     def description(self) -> dict:
         """What identifies the corpus for provenance: shard names, byte sizes and sample counts."""

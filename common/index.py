@@ -116,8 +116,8 @@ def scan_shard(url: str, name: str, stat: Stat) -> ShardScan:
     """Read a shard's tar headers front to back: sample keys (webdataset's grouping rule) and offsets.
 
     A tar whose headers stop before its data does (a damaged header, which Python's tarfile takes for the end of
-    the archive) or whose last member runs past the end of the file is reported in `error`, with the samples
-    before the damage kept."""
+    the archive), whose last member runs past the end of the file, or that ends without the end-of-archive blocks
+    (cut off between two members) is reported in `error`, with the samples before the damage kept."""
     error, state = "", {}
     offsets: list[int] = []
     keys: list[str] = []
@@ -141,6 +141,9 @@ def scan_shard(url: str, name: str, stat: Stat) -> ShardScan:
             tail_at = state["stopped_at"]  # end-of-archive blocks, or a header that does not parse
             if tail_at > stat.size or end > stat.size:
                 error = f"truncated: the last member needs {max(tail_at, end)} bytes, the file has {stat.size}"
+            elif 0 < tail_at == stat.size:  # every tar writer ends an archive with zero blocks
+                error = (f"truncated: the file ends at byte {tail_at}, after a member, without the tar "
+                         f"end-of-archive blocks")
             elif tail_at < stat.size:
                 stream.seek(tail_at)
                 tail = stream.read(min(stat.size - tail_at, 2 * BLOCK))

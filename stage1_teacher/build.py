@@ -437,7 +437,9 @@ def build_cache(opts: BuildOptions) -> str:
         # one update: a store is never complete without the hash that seals what it finished with
         group.attrs.update(finished | {"complete_hash": content_hash(dict(group.attrs) | finished, COMPLETE_KEYS)})
         rate = rows_todo / elapsed if elapsed > 0 else float("nan")
-        log.info("wrote %s: %d rows (%d this run, %.1f samples/s on rank 0, %d ranks), %d invalid, %.1f s",
-                 opts.out, corpus.num_samples, rows_done, rate, world, int((~valid).sum()), elapsed)
+        log.info("wrote %s: %d rows (%d this run, %.1f samples/s on rank 0, %d ranks), %d invalid, %.1f s%s",
+                 opts.out, corpus.num_samples, rows_done, rate, world, int((~valid).sum()), elapsed,
+                 f"; {len(corpus.lost)} damaged shard(s) lost their samples after the damage (corpus_errors)"
+                 if corpus.lost else "")
     dist.barrier()
     return opts.out

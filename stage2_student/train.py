@@ -39,7 +39,7 @@ DEFAULT_LOSSES = "task,fd,icl,crd"  # CLIP-KD: task + FD (2000) + ICL (1) + CRD 
 # pooled StudentOutputs / TeacherTargets fields: computed per rank, gathered into the global batch
 _POOLED_STUDENT = ("image_emb", "text_emb", "masked_image_emb")  # projected per teacher after the gather
 _POOLED_TEACHER = ("image_emb", "text_emb", "image_grad", "text_grad")
-RUN_FILES = ("student.pt", "resume.pt", "metrics.jsonl", "options.json", "open_clip_config.json")
+RUN_FILES = ("student.pt", "resume.pt", "metrics.jsonl", "options.json", "open_clip_config.json", "lost_samples.json")
 MAX_WARMUP_FRACTION = 0.1  # a longer warm-up would spend the run at a near-zero learning rate
 # options compared on --resume (with the world size, the resolved precision and the live teachers' weights)
 TRAJECTORY_OPTIONS = ("data", "student", "cache", "losses", "teacher_targets", "teacher", "teachers",
@@ -526,9 +526,12 @@ class Trainer:
             seconds = time.perf_counter() - started
             samples = (self.step - first_step) * self.opts.batch_size
             if self.rank == 0:
+                lost = self.corpus.lost
                 log.info("wrote %s (student.pt, open_clip_config.json, resume.pt, metrics.jsonl): steps %d-%d, "
-                         "%d samples in %.1f s (%.1f samples/s)", self.out, first_step + 1, self.step, samples,
-                         seconds, samples / seconds if seconds else 0.0)
+                         "%d samples in %.1f s (%.1f samples/s)%s", self.out, first_step + 1, self.step, samples,
+                         seconds, samples / seconds if seconds else 0.0,
+                         f"; {len(lost)} damaged shard(s) lost their samples after the damage, "
+                         f"{self.skipped_samples} unreadable sample(s) skipped (lost_samples.json)" if lost else "")
         return last
 
     def start_files(self) -> Path:
@@ -542,6 +545,11 @@ class Trainer:
             (self.out / "options.json").write_text(json.dumps(self.recorded_options(), indent=2))
             # plain open_clip loads student.pt with this: add_model_config(it), then create_model(its stem)
             (self.out / "open_clip_config.json").write_text(json.dumps(self.student_clip.config, indent=2))
+            lost_path = self.out / "lost_samples.json"
+            if self.corpus.lost:
+                lost_path.write_text(json.dumps(self.corpus.lost, indent=2))
+            else:
+                lost_path.unlink(missing_ok=True)
         return metrics_path
 
     def recorded_options(self) -> dict:
@@ -592,6 +600,7 @@ class Trainer:
                         last = {"step": self.step, "epoch": epoch, "lr": self.scheduler.get_last_lr()[0], **terms,
                                 "samples_per_s": window_samples / elapsed if elapsed else None,
                                 "cache_hits": hits, "live_batches": live, "skipped_samples": self.skipped_samples,
+                                "damaged_shards": len(self.corpus.lost),
                                 "cache_hit_rate": hits / (hits + live) if hits + live else None}
                         window_start, window_samples = time.perf_counter(), 0
                         bar.set_postfix(loss=f"{terms['loss']:.4f}")

@@ -9,7 +9,7 @@ import pytest
 
 from common.synth import make_sample, write_shard
 from stage2_student.train import Trainer, TrainOptions
-from tests.helpers import cli, torchrun
+from tests.helpers import cli, save_random_checkpoint, torchrun
 
 STUDENT = "kd-test-student"
 
@@ -57,3 +57,28 @@ def test_two_ranks_with_a_skipped_sample_give_the_single_process_losses(tmp_path
     one, two = read("one"), read("two")
     assert two[-1]["skipped_samples"] == 1
     assert [m["loss"] for m in one] == pytest.approx([m["loss"] for m in two], rel=1e-4)
+
+
+def test_a_truncated_shard_under_skip_counts_what_it_lost(tmp_path):
+    data = tmp_path / "data"
+    for shard in range(3):
+        write_shard(data / f"{shard:05d}.tar", [make_sample(0, "train", i, f"{i:09d}", image_size=32)
+                                                 for i in range(shard * 64, shard * 64 + 64)])
+    damaged = data / "00001.tar"
+    damaged.write_bytes(damaged.read_bytes()[:damaged.stat().st_size // 2])
+    run = tmp_path / "run"
+    result = cli("stage2_student.cli", "--data", data, "--out", run, "--student", STUDENT, "--losses", "task",
+                 "--batch-size", "16", "--steps", "2", "--workers", "0", "--log-every", "1", "--on-error", "skip")
+    lost = json.loads((run / "lost_samples.json").read_text())
+    assert [(x["shard"], x["byte_offset"]) for x in lost] == [(str(damaged), damaged.stat().st_size)]
+    assert 0 < lost[0]["samples_before"] < 64 and lost[0]["error"].startswith("truncated")
+    assert f"shard {damaged} is damaged at byte {damaged.stat().st_size}" in result.stderr
+    assert "its samples from there on are lost" in result.stderr
+    assert "1 damaged shard(s) lost their samples after the damage" in result.stderr  # the summary line
+    assert all(json.loads(line)["damaged_shards"] == 1 for line in (run / "metrics.jsonl").read_text().splitlines())
+    ckpt = save_random_checkpoint("kd-test-teacher", tmp_path / "teacher.pt", seed=1)
+    built = cli("stage1_teacher.cli", "build", "--teacher", "kd-test-teacher", "--pretrained", ckpt, "--data", data,
+                "--out", tmp_path / "s.zarr", "--batch-size", 16, "--grad-batch", 16, "--chunk-rows", 16,
+                "--workers", 0, "--on-error", "skip")
+    assert f"shard {damaged} is damaged at byte {damaged.stat().st_size}" in built.stderr
+    assert "1 damaged shard(s) lost their samples after the damage (corpus_errors)" in built.stderr

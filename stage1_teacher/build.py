@@ -397,7 +397,7 @@ def build_cache(opts: BuildOptions) -> str:
     rows_todo = sum(stop - start for start, stop in map(dataset.block_rows, dataset.blocks))
     loader = DataLoader(dataset, batch_size=None, num_workers=opts.workers,
                         pin_memory=device.startswith("cuda"), prefetch_factor=4 if opts.workers else None,
-                        persistent_workers=False)
+                        persistent_workers=False, worker_init_fn=dist.worker_dies_with_parent())
     writer = WindowWriter(root, group, opts, teacher.embed_dim, attrs["teacher_logit_scale"], attrs["grad_scale"],
                           mine, device)
     errors: list[str] = []

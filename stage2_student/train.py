@@ -398,7 +398,8 @@ class Trainer:
         # its own generator: creating the iterator must not draw from the global RNG (resume reproducibility)
         return DataLoader(dataset, batch_size=None, sampler=range(start_step, len(dataset)),
                           num_workers=self.opts.workers, pin_memory=self.device.startswith("cuda"),
-                          generator=torch.Generator().manual_seed(self.opts.seed + epoch))
+                          generator=torch.Generator().manual_seed(self.opts.seed + epoch),
+                          worker_init_fn=dist.worker_dies_with_parent())
 
     # ---------------------------------------------------------------- one step
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:

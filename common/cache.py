@@ -91,9 +91,10 @@ def teacher_layout(num_rows: int, build: dict, dim: int) -> dict[str, tuple[tupl
 
 
 def shared_layout(num_rows: int, build: dict) -> dict[str, tuple[tuple, tuple, str]]:
-    """(shape, chunks, dtype) of the arrays all teachers share: valid flags, views, gradient batches."""
+    """(shape, chunks, dtype) of the arrays all teachers share: valid flags, the samples' digests, views,
+    gradient batches."""
     views, rows = build["views"], build["chunk_rows"]
-    arrays = {"valid": ((num_rows,), "bool")}
+    arrays = {"valid": ((num_rows,), "bool"), "sample_crc32c": ((num_rows,), "uint32")}
     if views:
         arrays |= {"view_boxes": ((num_rows, views, 4), "float64"), "view_flips": ((num_rows, views), "bool")}
     layout = {name: (shape, (rows,) + shape[1:], dtype) for name, (shape, dtype) in arrays.items()}

@@ -186,6 +186,7 @@ class BlockBatches(IterableDataset):
             "block": block, "n_batches": n_batches,
             "rows": np.array([s.row for s in samples]),
             "valid": np.array([s.error is None for s in samples]),
+            "digests": np.array([s.digest for s in samples], dtype=np.uint32),
             "boxes": boxes, "flips": flips,
             "images": images,
             "tokens": self.tokenizer([s.caption for s, _ in ok]) if ok else torch.empty(0, dtype=torch.long),
@@ -222,6 +223,7 @@ class WindowWriter:
             self.blocks[block] = {
                 "image": np.zeros((n, 1 + self.opts.views, self.embed_dim), np.float32),
                 "text": np.zeros((n, self.embed_dim), np.float32), "valid": np.zeros(n, bool),
+                "digests": np.zeros(n, np.uint32),
                 "boxes": np.zeros((n, self.opts.views, 4)), "flips": np.zeros((n, self.opts.views), bool),
                 "seen": 0, "n_batches": batch["n_batches"],
             }
@@ -231,6 +233,7 @@ class WindowWriter:
             buf["image"][local[batch["valid"]]] = image_emb
             buf["text"][local[batch["valid"]]] = text_emb
         buf["valid"][local] = batch["valid"]
+        buf["digests"][local] = batch["digests"]
         buf["boxes"][local], buf["flips"][local] = batch["boxes"], batch["flips"]
         buf["seen"] += 1
         if buf["seen"] < buf["n_batches"]:
@@ -254,6 +257,8 @@ class WindowWriter:
             g["image_emb"][start:stop] = stored_image[i] if self.opts.views else stored_image[i][:, 0]
             g["text_emb"][start:stop] = stored_text[i]
             self.shared("valid", slice(start, stop), buf["valid"])
+            if "sample_crc32c" in self.root:  # an added teacher of a store older than sample digests has none
+                self.shared("sample_crc32c", slice(start, stop), buf["digests"])
             if self.opts.views:
                 self.shared("view_boxes", slice(start, stop), buf["boxes"])
                 self.shared("view_flips", slice(start, stop), buf["flips"])

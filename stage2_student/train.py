@@ -265,6 +265,12 @@ class Trainer:
         if self.cache is not None:
             usable = self.cache.load("valid")[self.cache_rows]
         self.skipped_invalid = int((~usable).sum())
+        self.digests = None  # the store's sample digests: a sample read with other bytes is refused or skipped
+        if self.cache is not None and self.cache.has("sample_crc32c"):
+            self.digests = self.cache.load("sample_crc32c")
+        elif self.cache is not None:
+            log.warning("cache %s predates sample digests: a shard whose content changed under the same name, size "
+                        "and keys goes unnoticed; rebuild the cache to get them", opts.cache)
         self.usable = usable
         boxes = flips = None
         if self.cache is not None and self.cache.views and opts.augment:
@@ -394,7 +400,8 @@ class Trainer:
     def loader(self, epoch: int, start_step: int) -> DataLoader:
         dataset = TrainBatches(self.corpus, self.epoch_batches(epoch), self.cache_rows, self.rank, self.world,
                                Renderer.of(self.student_clip), {n: Renderer.of(t) for n, t in self.teachers.items()},
-                               self.views, epoch, self.opts.on_error, self.captions)
+                               self.views, epoch, self.opts.on_error, self.captions, self.digests,
+                               str(self.opts.cache))
         # its own generator: creating the iterator must not draw from the global RNG (resume reproducibility)
         return DataLoader(dataset, batch_size=None, sampler=range(start_step, len(dataset)),
                           num_workers=self.opts.workers, pin_memory=self.device.startswith("cuda"),

@@ -268,7 +268,7 @@ class Trainer:
         self.digests = None  # the store's sample digests: a sample read with other bytes is refused or skipped
         if self.cache is not None and self.cache.has("sample_crc32c"):
             self.digests = self.cache.load("sample_crc32c")
-        elif self.cache is not None:
+        elif self.cache is not None and self.rank == 0:
             log.warning("cache %s predates sample digests: a shard whose content changed under the same name, size "
                         "and keys goes unnoticed; rebuild the cache to get them", opts.cache)
         self.usable = usable
@@ -401,7 +401,7 @@ class Trainer:
         dataset = TrainBatches(self.corpus, self.epoch_batches(epoch), self.cache_rows, self.rank, self.world,
                                Renderer.of(self.student_clip), {n: Renderer.of(t) for n, t in self.teachers.items()},
                                self.views, epoch, self.opts.on_error, self.captions, self.digests,
-                               str(self.opts.cache))
+                               self.opts.cache or "")
         # its own generator: creating the iterator must not draw from the global RNG (resume reproducibility)
         return DataLoader(dataset, batch_size=None, sampler=range(start_step, len(dataset)),
                           num_workers=self.opts.workers, pin_memory=self.device.startswith("cuda"),

@@ -161,3 +161,12 @@ def test_edited_completion_attributes_are_refused(store):
     (store / "zarr.json").write_text(json.dumps(meta))
     with pytest.raises(CacheError, match="attributes were changed after the build finished .*invalid_count"):
         CacheStore(str(store))
+
+
+def test_a_store_finished_before_digests_and_its_seal_still_trains_with_a_warning(store, synth_corpus, tmp_path):
+    group = zarr.open_group(str(store), mode="r+")
+    del group["sample_crc32c"]
+    del group.attrs["complete_hash"]
+    result = train(synth_corpus, store, tmp_path / "run")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"cache {store} predates sample digests" in result.stderr and "rebuild the cache" in result.stderr

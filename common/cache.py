@@ -20,10 +20,6 @@ from common.corpus import Corpus
 from common.index import CHECKSUM, ChunkDamage, CorpusIndex, read_index, read_rows, write_index
 from common.storage import StorageError, exists, join
 
-# Every chunk of a finished store is written, even one equal to the fill value (all-zero flips, an all-invalid
-# block), so a missing chunk file is damage, never "zeros". It is a runtime setting in zarr, not stored metadata.
-zarr.config.set({"array.write_empty_chunks": True})
-
 FORMAT_VERSION = 2
 CHUNK_ROWS = 2048
 DTYPES = {"fp16": "float16", "fp32": "float32", "int8": "int8"}

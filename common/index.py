@@ -37,6 +37,10 @@ from common import dist
 from common.storage import Stat, StorageError, cache_dir, describe_failure, is_remote, open_sequential
 
 log = logging.getLogger("kd-index")
+# Every chunk of a finished store or index is written, even one equal to the fill value (all-zero flips, an
+# all-invalid block, no shard errors), so a missing chunk file is damage, never "zeros". It is a runtime setting in
+# zarr, not stored metadata.
+zarr.config.set({"array.write_empty_chunks": True})
 INDEX_VERSION = 1
 BLOCK = 512
 CHECKSUM = (Crc32cCodec(),)  # every chunk of a store's arrays and of an index (the store's or a sidecar)
@@ -284,6 +288,11 @@ def read_rows(array: zarr.Array, start: int, stop: int) -> np.ndarray:
 def read_index(group: zarr.Group) -> CorpusIndex:
     if group.attrs.get("index_version") != INDEX_VERSION:
         raise ValueError(f"index version {group.attrs.get('index_version')}, expected {INDEX_VERSION}")
+    for name in _SHARD_ARRAYS + _NUMERIC:
+        array = group[name]
+        if array.nchunks_initialized != array.nchunks:
+            raise ValueError(f"array {array.name.strip('/')} has {array.nchunks_initialized} of its {array.nchunks} "
+                             f"chunk files")
     whole = lambda name: read_rows(group[name], 0, group[name].shape[0])  # noqa: E731
     parts = {name: [str(v) for v in whole(name)] for name in _SHARD_ARRAYS}
     parts |= {name: whole(name) for name in _NUMERIC}

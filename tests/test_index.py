@@ -154,6 +154,10 @@ def without_checksums(sidecar: str) -> None:
                            compressors=None)[...] = values
 
 
+def a_missing_chunk(sidecar: str) -> None:
+    os.remove(f"{sidecar}/errors/c/0")  # read back, it would be the fill value: no shard damage
+
+
 def broken_metadata(sidecar: str) -> None:
     with open(f"{sidecar}/key_ends/zarr.json", "w") as f:
         f.write("{")
@@ -161,6 +165,7 @@ def broken_metadata(sidecar: str) -> None:
 
 @pytest.mark.parametrize("damage, said", [(flip_offsets_chunk, "Stored and computed checksum do not match"),
                                           (without_checksums, "have no checksums (written by an older version)"),
+                                          (a_missing_chunk, "array errors has 0 of its 1 chunk files"),
                                           (broken_metadata, "")])
 def test_a_damaged_or_unchecked_sidecar_is_rebuilt_with_a_warning(shards, tmp_path, caplog, damage, said):
     Corpus.open(str(shards))

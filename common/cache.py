@@ -15,27 +15,23 @@ from collections import OrderedDict
 
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec
 
 from common.corpus import Corpus
-from common.index import CorpusIndex, read_index, write_index
+from common.index import CHECKSUM, ChunkDamage, CorpusIndex, read_index, read_rows, write_index
 from common.storage import StorageError, exists, join
-
-# Every chunk of a finished store is written, even one equal to the fill value (all-zero flips, an all-invalid
-# block), so a missing chunk file is damage, never "zeros". It is a runtime setting in zarr, not stored metadata.
-zarr.config.set({"array.write_empty_chunks": True})
 
 FORMAT_VERSION = 2
 CHUNK_ROWS = 2048
 DTYPES = {"fp16": "float16", "fp32": "float32", "int8": "int8"}
 GRAD_DTYPE = "float16"  # stored as g * grad_scale (grad_scale = grad_batch / s_t): values O(1), fp16-exact to 5e-4
-CHECKSUM = (Crc32cCodec(),)
 # Provenance sections that must match for a store to be resumed or used with given data / teacher.
 PROVENANCE_KEYS = ("format_version", "teacher", "corpus", "build")
 # Attributes that shape the targets: hashed into `content_hash`, checked on every open.
 CONTENT_KEYS = PROVENANCE_KEYS + ("embed_dim", "teacher_logit_scale", "grad_scale")
 # hashed only when set, so that stores written before they existed keep their hash (a softmax teacher has no bias)
 OPTIONAL_CONTENT_KEYS = ("teacher_logit_bias",)
+# ... and with what the finished build adds: hashed into `complete_hash` when it finishes (older stores have none)
+COMPLETE_KEYS = CONTENT_KEYS + ("invalid_count", "invalid_examples", "corpus_errors", "complete")
 # Several teachers share the rows, views and gradient batches: the build's teacher ("main") has its arrays at the
 # root, each teacher added later (`kd-cache add-teacher`) the same arrays under teachers/<name>/, with its own
 # attributes overriding the root's TEACHER_ATTRS.
@@ -51,8 +47,8 @@ class CacheError(ValueError):
     """A store that is missing, incomplete, damaged, or does not fit the data / teacher / options it is used with."""
 
 
-def content_hash(attrs: dict) -> str:
-    content = {k: attrs.get(k) for k in CONTENT_KEYS} | {
+def content_hash(attrs: dict, keys: tuple[str, ...] = CONTENT_KEYS) -> str:
+    content = {k: attrs.get(k) for k in keys} | {
         k: attrs[k] for k in OPTIONAL_CONTENT_KEYS if attrs.get(k) is not None}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
@@ -83,37 +79,48 @@ def emb_shape(num_rows: int, views: int, dim: int) -> tuple[int, ...]:
     return (num_rows, 1 + views, dim) if views else (num_rows, dim)
 
 
-def create_teacher_arrays(group: zarr.Group, num_rows: int, build: dict, dim: int) -> None:
-    """One teacher's empty arrays (embeddings, gradients, its build's `blocks_done`) in `group`."""
+def teacher_layout(num_rows: int, build: dict, dim: int) -> dict[str, tuple[tuple, tuple, str]]:
+    """(shape, chunks, dtype) of one teacher's arrays: embeddings, gradients, its build's `blocks_done`."""
     rows, dtype = build["chunk_rows"], DTYPES[build["dtype"]]
     arrays = {"image_emb": (emb_shape(num_rows, build["views"], dim), dtype), "text_emb": ((num_rows, dim), dtype)}
     if build["grads"]:
         arrays |= {"image_grad": ((num_rows, dim), GRAD_DTYPE), "text_grad": ((num_rows, dim), GRAD_DTYPE)}
-    for name, (shape, dtype) in arrays.items():
-        group.create_array(name, shape=shape, chunks=(rows,) + shape[1:], dtype=dtype, compressors=CHECKSUM,
-                           fill_value=0)
+    layout = {name: (shape, (rows,) + shape[1:], dtype) for name, (shape, dtype) in arrays.items()}
     # one chunk per block, so ranks mark their own blocks without touching each other's chunk files
-    group.create_array("blocks_done", shape=(-(-num_rows // rows),), chunks=(1,), dtype="bool", fill_value=False)
+    return layout | {"blocks_done": ((-(-num_rows // rows),), (1,), "bool")}
+
+
+def shared_layout(num_rows: int, build: dict) -> dict[str, tuple[tuple, tuple, str]]:
+    """(shape, chunks, dtype) of the arrays all teachers share: valid flags, the samples' digests, views,
+    gradient batches."""
+    views, rows = build["views"], build["chunk_rows"]
+    arrays = {"valid": ((num_rows,), "bool"), "sample_crc32c": ((num_rows,), "uint32")}
+    if views:
+        arrays |= {"view_boxes": ((num_rows, views, 4), "float64"), "view_flips": ((num_rows, views), "bool")}
+    layout = {name: (shape, (rows,) + shape[1:], dtype) for name, (shape, dtype) in arrays.items()}
+    if build["grads"]:  # one chunk per window: the rank that computes a window writes its chunk alone
+        n_blocks = -(-num_rows // rows)
+        n_windows = -(-n_blocks // build["window_blocks"])
+        slots = grad_slots(build["window_blocks"] * rows, build["grad_batch"])
+        layout["grad_batches"] = ((n_windows * slots, build["grad_batch"]), (slots, build["grad_batch"]), "int64")
+    return layout
+
+
+def create_arrays(group: zarr.Group, layout: dict[str, tuple[tuple, tuple, str]]) -> None:
+    for name, (shape, chunks, dtype) in layout.items():
+        if name == "blocks_done":
+            group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=False)
+        else:
+            group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=CHECKSUM,
+                               fill_value=-1 if name == "grad_batches" else 0)
 
 
 def create_store(url: str, attrs: dict, index: CorpusIndex) -> zarr.Group:
     """Create an empty store with every array (the data is filled in by the build) and the corpus index."""
-    build = attrs["build"]
-    num_rows, views, rows = index.num_samples, build["views"], build["chunk_rows"]
+    build, num_rows = attrs["build"], index.num_samples
     group = zarr.open_group(url, mode="w")
-    create_teacher_arrays(group, num_rows, build, attrs["embed_dim"])
-    arrays = {"valid": ((num_rows,), "bool")}
-    if views:
-        arrays |= {"view_boxes": ((num_rows, views, 4), "float64"), "view_flips": ((num_rows, views), "bool")}
-    for name, (shape, dtype) in arrays.items():
-        group.create_array(name, shape=shape, chunks=(rows,) + shape[1:], dtype=dtype, compressors=CHECKSUM,
-                           fill_value=0)
-    n_windows = -(-group["blocks_done"].shape[0] // build["window_blocks"])
-    slots = grad_slots(build["window_blocks"] * rows, build["grad_batch"])
-    if build["grads"]:  # one chunk per window: the rank that computes a window writes its chunk alone
-        group.create_array("grad_batches", shape=(n_windows * slots, build["grad_batch"]),
-                           chunks=(slots, build["grad_batch"]), dtype="int64", fill_value=-1, compressors=CHECKSUM)
-    write_index(group.create_group("index"), index, codecs=CHECKSUM)
+    create_arrays(group, teacher_layout(num_rows, build, attrs["embed_dim"]) | shared_layout(num_rows, build))
+    write_index(group.create_group("index"), index)
     group.attrs.update({**attrs, "content_hash": content_hash(attrs), "complete": False})
     return group
 
@@ -122,7 +129,7 @@ def create_teacher_group(root: zarr.Group, name: str, teacher_attrs: dict) -> za
     """teachers/<name>/: an added teacher's empty arrays, over the root's rows and build options."""
     group = root.require_group(TEACHERS).create_group(name)
     stored = dict(root.attrs)
-    create_teacher_arrays(group, root["valid"].shape[0], stored["build"], teacher_attrs["embed_dim"])
+    create_arrays(group, teacher_layout(root["valid"].shape[0], stored["build"], teacher_attrs["embed_dim"]))
     group.attrs.update({**teacher_attrs, "content_hash": content_hash(stored | teacher_attrs), "complete": False})
     return group
 
@@ -159,19 +166,11 @@ def store_index(url: str) -> CorpusIndex | None:
 
 
 def read_chunked(array: zarr.Array, start: int, stop: int, what: str) -> np.ndarray:
-    """array[start:stop]; a checksum or decoding failure becomes a CacheError naming the array and chunk."""
+    """array[start:stop]; a checksum or decoding failure becomes a CacheError naming `what`, the array and chunk."""
     try:
-        return array[start:stop]
-    except (ValueError, RuntimeError) as e:
-        rows = array.chunks[0]
-        for first in range(start - start % rows, stop, rows):  # find the chunk at fault
-            try:
-                array[first:first + rows]
-            except (ValueError, RuntimeError):
-                raise CacheError(f"{what}: array {array.name.strip('/')}, chunk {first // rows} (rows {first}.."
-                                 f"{min(first + rows, array.shape[0]) - 1}) is damaged ({e}); rebuild the store "
-                                 f"with `kd-cache build --overwrite`") from e
-        raise
+        return read_rows(array, start, stop)
+    except ChunkDamage as e:
+        raise CacheError(f"{what}: {e}; rebuild the store with `kd-cache build --overwrite`") from e
 
 
 class CacheStore:
@@ -192,6 +191,10 @@ class CacheStore:
         if self.attrs.get("content_hash") != content_hash(self.attrs):
             raise CacheError(f"cache {self.path}: its attributes were changed after the build (content hash "
                              f"mismatch in zarr.json): rebuild it with `kd-cache build --overwrite`")
+        if "complete_hash" in self.attrs and self.attrs["complete_hash"] != content_hash(self.attrs, COMPLETE_KEYS):
+            raise CacheError(f"cache {self.path}: its attributes were changed after the build finished (complete "
+                             f"hash mismatch in zarr.json: {', '.join(COMPLETE_KEYS[len(CONTENT_KEYS):])}): rebuild it "
+                             f"with `kd-cache build --overwrite`")
         self.teacher_name, self.teacher_group = teacher, self.group
         if teacher != MAIN_TEACHER:
             self.teacher_group = self._added_teacher(teacher)
@@ -276,10 +279,19 @@ class CacheStore:
                              f"(gradients need the default --grads; caption embeddings `kd-cache captions`)")
 
     def array(self, name: str) -> zarr.Array:
-        """The array, once checked to have every chunk (a missing chunk would read back as zeros)."""
+        """The array, once checked to have the shape, chunks and dtype its build gives it, and every chunk (a
+        missing chunk would read back as zeros)."""
         self.require([name])
         array = self._group_of(name)[name]
         if name not in self._checked:
+            build, rows = self.attrs["build"], self.attrs["corpus"]["num_samples"]
+            expected = (teacher_layout(rows, build, self.embed_dim) | shared_layout(rows, build)).get(name)
+            found = (tuple(array.shape), tuple(array.chunks), str(array.dtype))
+            if expected is not None and found != expected:
+                raise CacheError(f"cache {self.path}: array {array.name.strip('/')} has shape {found[0]}, chunks "
+                                 f"{found[1]}, dtype {found[2]}, where its build makes {expected[0]}, {expected[1]}, "
+                                 f"{expected[2]}: its zarr.json was edited or damaged; rebuild the store with "
+                                 f"`kd-cache build --overwrite`")
             if array.nchunks_initialized != array.nchunks:
                 raise CacheError(f"cache {self.path}: array {name} has {array.nchunks_initialized} of its "
                                  f"{array.nchunks} chunk files; the store is damaged: rebuild it with "
@@ -299,7 +311,14 @@ class CacheStore:
     def index(self) -> CorpusIndex:
         """The store's corpus index, read once (opening the corpus and joining it to the store both use it)."""
         if self._index is None:
-            self._index = read_index(self.group["index"])
+            try:
+                index = read_index(self.group["index"])
+                if index.shard_identities() != self.attrs["corpus"]["shards"]:
+                    raise ValueError("its shards (names, sizes, counts) are not those of the attributes' corpus")
+            except (ValueError, KeyError) as e:  # a damaged chunk, broken metadata, arrays that do not fit
+                raise CacheError(f"cache {self.path}: its corpus index is damaged: {e}; rebuild the store with "
+                                 f"`kd-cache build --overwrite`") from e
+            self._index = index
         return self._index
 
     def to_float(self, name: str, stored: np.ndarray) -> np.ndarray:

@@ -20,6 +20,7 @@ from functools import cached_property
 from typing import Iterator, Sequence
 
 import braceexpand
+import google_crc32c
 import numpy as np
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
@@ -80,6 +81,7 @@ class Sample:
     captions: list[str] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
     error: str | None = None  # why the sample is invalid (only with on_error='skip')
+    digest: int = 0  # CRC32C of the sample's bytes (its tar members): a store records it, reads compare it
 
     @property
     def caption(self) -> str:
@@ -88,6 +90,25 @@ class Sample:
             raise CorpusError(f"shard {self.shard}, key {self.key}: no caption (.txt); a classification sample "
                               f"(.cls only) can be evaluated with `kd-eval zeroshot` but not cached or trained on")
         return self.captions[0]
+
+
+def changed_since(store: str, found: int, expected: int) -> str:
+    return f"its bytes changed since cache {store} was built (CRC32C {found:08x}, the cache recorded {expected:08x})"
+
+
+def changed_sample_error(shard: str, key: str, reason: str) -> CorpusError:
+    return CorpusError(f"shard {shard}, key {key}: {reason}: restore the shard or rebuild the cache for it "
+                       f"(`kd-cache build --overwrite`), or pass --on-error skip to leave such samples out")
+
+
+def check_digest(sample: Sample, expected: int, on_error: str, store: str) -> None:
+    """Refuse (or, with on_error='skip', mark invalid) a sample whose bytes are not those a store was built from:
+    a shard changed in place keeps its name, size and keys, not its members' bytes."""
+    if sample.error is None and sample.digest != expected:
+        reason = changed_since(store, sample.digest, expected)
+        if on_error == "raise":
+            raise changed_sample_error(sample.shard, sample.key, reason)
+        sample.error = reason
 
 
 class Corpus:
@@ -130,6 +151,10 @@ class Corpus:
                 raise CorpusError(f"shard {url}: {error}. Repair or remove the shard, "
                                   f"or pass --on-error skip to use the samples before the damage")
         corpus = cls(index, spec if isinstance(spec, str) else "::".join(map(str, spec)))
+        for lost in corpus.lost if dist.rank_world()[0] == 0 else []:
+            log.warning("shard %s is damaged at byte %d (%s): its samples from there on are lost, the %d before it "
+                        "are used (--on-error skip)", lost["shard"], lost["byte_offset"], lost["error"],
+                        lost["samples_before"])
         if corpus.num_samples == 0:
             raise CorpusError(f"data spec {spec!r}: the shards hold no sample")
         return corpus
@@ -143,12 +168,20 @@ class Corpus:
     def errors(self) -> list[str]:
         return [f"{url}: {error}" for url, error in zip(self.index.urls, self.index.errors) if error]
 
+    @property
+    def lost(self) -> list[dict]:
+        """Damaged shards, kept with --on-error skip: their samples from `byte_offset` on are lost (how many is not
+        known: the damage hides them), `samples_before` are used."""
+        index = self.index
+        return [{"shard": url, "byte_offset": int(min(end, size)), "samples_before": int(count), "error": error}
+                for url, error, end, size, count in zip(index.urls, index.errors, index.ends, index.sizes,
+                                                        index.counts) if error]
+
     def description(self) -> dict:
         """What identifies the corpus for provenance: shard names, byte sizes and sample counts."""
         return {
             "num_samples": self.num_samples,
-            "shards": [{"name": n, "size": int(s), "count": int(c)}
-                       for n, s, c in zip(self.index.names, self.index.sizes, self.index.counts)],
+            "shards": self.index.shard_identities(),
         }
 
     def locate(self, row: int) -> tuple[int, int]:
@@ -159,6 +192,17 @@ class Corpus:
     def read(self, start: int = 0, stop: int | None = None, on_error: str = "raise") -> Iterator[Sample]:
         """Samples of rows [start, stop) in row order, from ranged reads of consecutive samples. A bad sample
         raises CorpusError naming shard and key, or, with on_error='skip', comes back with `error` set."""
+        for row, shard, blob, expected in self._spans(start, stop):
+            yield self._sample(row, shard, blob, expected, on_error)
+
+    def digests(self) -> np.ndarray:
+        """Every row's `Sample.digest`, read without decoding anything."""
+        return np.fromiter((google_crc32c.value(blob) for _, _, blob, _ in self._spans(0, None)), np.uint32,
+                           self.num_samples)
+
+    def _spans(self, start: int, stop: int | None) -> Iterator[tuple[int, int, bytes, int]]:
+        """(row, shard, its bytes, the length the index expects) of rows [start, stop), in ranged reads of
+        consecutive samples."""
         stop = self.num_samples if stop is None else stop
         row = start
         while row < stop:
@@ -170,8 +214,8 @@ class Corpus:
                 j = min(len(rows), i + max(1, int(np.searchsorted(ends[i:], begins[i] + MAX_READ_BYTES, "right"))))
                 [blob] = self.reader.read(self.index.urls[shard], [int(begins[i])], [int(ends[j - 1])])
                 for k in range(i, j):
-                    part = blob[begins[k] - begins[i]:ends[k] - begins[i]]
-                    yield self._sample(int(rows[k]), shard, part, int(ends[k] - begins[k]), on_error)
+                    yield (int(rows[k]), shard, blob[begins[k] - begins[i]:ends[k] - begins[i]],
+                           int(ends[k] - begins[k]))
                 i = j
             row = int(rows[-1]) + 1
 
@@ -192,7 +236,7 @@ class Corpus:
         url = self.index.urls[shard]
         index = row - int(self.first_rows[shard])
         key = self.index.key(row)
-        sample = Sample(row, self.index.names[shard], index, key)
+        sample = Sample(row, self.index.names[shard], index, key, digest=google_crc32c.value(blob))
         try:
             if len(blob) != expected:
                 raise EOFError(f"cut short ({len(blob)} of {expected} bytes)")

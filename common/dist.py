@@ -1,8 +1,12 @@
-"""torchrun integration: one process per rank, gloo on CPU, nccl on GPU. A plain `python` run is rank 0 of 1."""
+"""torchrun integration: one process per rank, gloo on CPU, nccl on GPU. A plain `python` run is rank 0 of 1.
+Also the processes' DataLoader workers, which die with the process that started them."""
 from __future__ import annotations
 
+import ctypes
 import datetime
+import functools
 import os
+import signal
 
 import torch
 import torch.distributed as dist
@@ -101,3 +105,20 @@ def any_rank(flag: bool, device: str = "cpu") -> bool:
 def rank_world() -> tuple[int, int]:
     """(rank, world size) of an initialised process group, else (0, 1)."""
     return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with(parent: int, worker_id: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if hasattr(libc, "prctl"):  # Linux; elsewhere torch's own watchdog ends orphaned workers within seconds
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the prctl took effect
+        os._exit(0)
+
+
+def worker_dies_with_parent():
+    """A DataLoader `worker_init_fn`: the kernel kills the worker as soon as the process that started it dies (even
+    by SIGKILL), so no worker outlives a killed run or prints tracebacks about the queues it lost."""
+    return functools.partial(_die_with, os.getpid())

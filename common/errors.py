@@ -5,6 +5,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Iterator
@@ -32,7 +33,7 @@ class Interrupted(Exception):
         self.exit_code = 128 + signum
 
 
-# ValueError covers the option checks and the losses' LossSpecError; FileNotFoundError a missing --resume file
+# ValueError covers the option checks and the losses' LossSpecError; FileNotFoundError a missing input file
 USER_ERRORS = (CacheError, CorpusError, ModelError, ValueError, FileNotFoundError, OutputLocked, NonFiniteError,
                Interrupted)
 _DISK_FULL_ADVICE = "free space there and re-run the same command"
@@ -90,10 +91,23 @@ def run_reporting_errors(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+class FiniteFloatRange(click.FloatRange):
+    """click's FloatRange lets nan (it compares false) and inf (with no upper bound) through: refused here."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
 # click types of the CLIs' numeric options: nonsense is refused at parse time, naming the option
 POSITIVE = click.IntRange(min=1)
 NON_NEGATIVE = click.IntRange(min=0)
-POSITIVE_FLOAT = click.FloatRange(min=0, min_open=True)
+POSITIVE_FLOAT = FiniteFloatRange(min=0, min_open=True)
+NON_NEGATIVE_FLOAT = FiniteFloatRange(min=0)
+PROBABILITY = FiniteFloatRange(0, 1)
+SEED = click.IntRange(0, 2**63 - 1)  # what numpy's and torch's generators take (torch: 64 bits, with +epoch)
 
 
 def check_device(ctx, param, value: str) -> str:

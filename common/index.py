@@ -30,14 +30,20 @@ from typing import Iterator
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec
 from webdataset.tariterators import base_plus_ext
 
 from common import dist
 from common.storage import Stat, StorageError, cache_dir, describe_failure, is_remote, open_sequential
 
 log = logging.getLogger("kd-index")
+# Every chunk of a finished store or index is written, even one equal to the fill value (all-zero flips, an
+# all-invalid block, no shard errors), so a missing chunk file is damage, never "zeros". It is a runtime setting in
+# zarr, not stored metadata.
+zarr.config.set({"array.write_empty_chunks": True})
 INDEX_VERSION = 1
 BLOCK = 512
+CHECKSUM = (Crc32cCodec(),)  # every chunk of a store's arrays and of an index (the store's or a sidecar)
 SCAN_THREADS = 8  # concurrent remote shard scans per process (I/O bound)
 
 
@@ -114,8 +120,8 @@ def scan_shard(url: str, name: str, stat: Stat) -> ShardScan:
     """Read a shard's tar headers front to back: sample keys (webdataset's grouping rule) and offsets.
 
     A tar whose headers stop before its data does (a damaged header, which Python's tarfile takes for the end of
-    the archive) or whose last member runs past the end of the file is reported in `error`, with the samples
-    before the damage kept."""
+    the archive), whose last member runs past the end of the file, or that ends without the end-of-archive blocks
+    (cut off between two members) is reported in `error`, with the samples before the damage kept."""
     error, state = "", {}
     offsets: list[int] = []
     keys: list[str] = []
@@ -139,6 +145,9 @@ def scan_shard(url: str, name: str, stat: Stat) -> ShardScan:
             tail_at = state["stopped_at"]  # end-of-archive blocks, or a header that does not parse
             if tail_at > stat.size or end > stat.size:
                 error = f"truncated: the last member needs {max(tail_at, end)} bytes, the file has {stat.size}"
+            elif 0 < tail_at == stat.size:  # every tar writer ends an archive with zero blocks
+                error = (f"truncated: the file ends at byte {tail_at}, after a member, without the tar "
+                         f"end-of-archive blocks")
             elif tail_at < stat.size:
                 stream.seek(tail_at)
                 tail = stream.read(min(stat.size - tail_at, 2 * BLOCK))
@@ -181,6 +190,10 @@ class CorpusIndex:
     @property
     def nbytes(self) -> int:
         return self.offsets.nbytes + self.key_ends.nbytes + self.key_bytes.nbytes
+
+    def shard_identities(self) -> list[dict]:
+        """What identifies each shard for provenance: name, byte size, sample count."""
+        return [{"name": n, "size": int(s), "count": int(c)} for n, s, c in zip(self.names, self.sizes, self.counts)]
 
     def shard_of(self, rows: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.first_rows, rows, side="right") - 1
@@ -237,27 +250,68 @@ _SHARD_ARRAYS = ("urls", "names", "versions", "errors")
 _NUMERIC = ("sizes", "counts", "ends", "offsets", "key_ends", "key_bytes")
 
 
-def write_index(group: zarr.Group, index: CorpusIndex, codecs=None) -> None:
-    """Write the index's arrays into `group` (created by the caller: a store's `index/` or a sidecar)."""
+def write_index(group: zarr.Group, index: CorpusIndex) -> None:
+    """Write the index's arrays into `group` (created by the caller: a store's `index/` or a sidecar), every chunk
+    with a CRC32C checksum."""
     for name in _SHARD_ARRAYS:
         values = np.array(getattr(index, name), dtype=str)
         group.create_array(name, shape=values.shape, dtype=str, chunks=(max(len(values), 1),),
-                           fill_value="", overwrite=True)[...] = values
+                           fill_value="", overwrite=True, compressors=CHECKSUM)[...] = values
     for name in _NUMERIC:
         values = getattr(index, name)
         chunks = (max(1, min(len(values), 1 << 22)),)
         array = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=chunks, fill_value=0,
-                                   overwrite=True, compressors=codecs)
+                                   overwrite=True, compressors=CHECKSUM)
         array[...] = values
     group.attrs["index_version"] = INDEX_VERSION
+
+
+class ChunkDamage(ValueError):
+    """A chunk that fails its checksum or does not decode (the message names the array and the chunk)."""
+
+
+def read_rows(array: zarr.Array, start: int, stop: int) -> np.ndarray:
+    """array[start:stop]; a checksum or decoding failure becomes a ChunkDamage naming the array and chunk."""
+    try:
+        return array[start:stop]
+    except (ValueError, RuntimeError) as e:
+        rows = array.chunks[0]
+        for first in range(start - start % rows, stop, rows):  # find the chunk at fault
+            try:
+                array[first:first + rows]
+            except (ValueError, RuntimeError):
+                raise ChunkDamage(f"array {array.name.strip('/')}, chunk {first // rows} (rows {first}.."
+                                  f"{min(first + rows, array.shape[0]) - 1}) is damaged ({e})") from e
+        raise
 
 
 def read_index(group: zarr.Group) -> CorpusIndex:
     if group.attrs.get("index_version") != INDEX_VERSION:
         raise ValueError(f"index version {group.attrs.get('index_version')}, expected {INDEX_VERSION}")
-    parts = {name: [str(v) for v in group[name][...]] for name in _SHARD_ARRAYS}
-    parts |= {name: group[name][...] for name in _NUMERIC}
-    return CorpusIndex(**parts)
+    for name in _SHARD_ARRAYS + _NUMERIC:
+        array = group[name]
+        if array.nchunks_initialized != array.nchunks:
+            raise ValueError(f"array {array.name.strip('/')} has {array.nchunks_initialized} of its {array.nchunks} "
+                             f"chunk files")
+    whole = lambda name: read_rows(group[name], 0, group[name].shape[0])  # noqa: E731
+    parts = {name: [str(v) for v in whole(name)] for name in _SHARD_ARRAYS}
+    parts |= {name: whole(name) for name in _NUMERIC}
+    index = CorpusIndex(**parts)
+    check_consistent(index)
+    return index
+
+
+def check_consistent(index: CorpusIndex) -> None:
+    """The arrays fit together (an edited shape or a stray value would otherwise misplace samples)."""
+    shards = len(index.names)
+    if not all(len(values) == shards for values in (index.urls, index.versions, index.errors, index.sizes,
+                                                      index.counts, index.ends)):
+        raise ValueError(f"the per-shard arrays do not all have {shards} entries")
+    if int(index.counts.sum()) != index.num_samples or len(index.key_ends) != index.num_samples:
+        raise ValueError(f"the shards count {int(index.counts.sum())} samples, offsets has {index.num_samples} and "
+                         f"key_ends {len(index.key_ends)}")
+    if index.num_samples and (int(index.key_ends[-1]) != len(index.key_bytes) or (np.diff(index.key_ends) < 0).any()):
+        raise ValueError("key_ends does not rise to the length of key_bytes")
 
 
 def sidecar_url(urls: list[str]) -> str:
@@ -266,11 +320,21 @@ def sidecar_url(urls: list[str]) -> str:
 
 
 def load_sidecar(urls: list[str]) -> CorpusIndex | None:
+    """The sidecar of `urls`, or None when there is none yet, or when it is damaged, unreadable or unchecked (its
+    shards are then indexed again, and the sidecar rewritten)."""
     path = sidecar_url(urls)
     try:
-        return read_index(zarr.open_group(path, mode="r"))
-    except (FileNotFoundError, KeyError, ValueError, zarr.errors.GroupNotFoundError) as e:
-        log.debug("no usable index sidecar at %s (%s)", path, e)
+        group = zarr.open_group(path, mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return None
+    try:
+        unchecked = [name for name in _SHARD_ARRAYS + _NUMERIC
+                     if not any(isinstance(codec, Crc32cCodec) for codec in group[name].compressors)]
+        if unchecked:
+            raise ValueError(f"{', '.join(unchecked)} have no checksums (written by an older version)")
+        return read_index(group)
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError, zarr.errors.BaseZarrError) as e:
+        log.warning("corpus index sidecar %s is damaged or unreadable (%s): indexing its shards again", path, e)
         return None
 
 

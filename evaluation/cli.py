@@ -90,7 +90,7 @@ def evaluate_retrieval(model, checkpoint, cache, data, k, index, batch_size, dev
     corpus = Corpus.open(shard_spec(data), on_error=on_error)
     if cache:
         store = CacheStore(cache, cache_teacher)
-        split = cache_split(store, corpus)
+        split = cache_split(store, corpus, on_error)
         model, pretrained = model or store.attrs["teacher"]["model"], store.attrs["teacher"]["pretrained"]
     else:
         clip = create_clip(model, checkpoint, device=device)

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from common.cache import CacheStore, dequantize, join_to_cache
-from common.corpus import Corpus, Sample
+from common.corpus import Corpus, Sample, changed_sample_error, changed_since
 from common.models import LoadedCLIP
 from evaluation.zeroshot import build_classifier
 
@@ -124,12 +124,23 @@ def encode_split(clip: LoadedCLIP, corpus: Corpus, batch_size: int = 256, worker
     )
 
 
-def cache_split(cache: CacheStore, corpus: Corpus) -> EncodedSplit:
+def cache_split(cache: CacheStore, corpus: Corpus, on_error: str = "raise") -> EncodedSplit:
     """The teacher's embeddings of `corpus` as stored in `cache` (clean view 0, the first caption of each
-    sample); rows the build marked invalid are dropped. Refuses data the cache was not built from."""
+    sample); rows the build marked invalid are dropped. Refuses data the cache was not built from, and samples
+    whose bytes changed since (dropped instead with on_error='skip')."""
     cache.require(["image_emb", "text_emb", "valid"], why="evaluation from a cache")
     rows = join_to_cache(corpus, cache)
     valid = cache.load("valid")[rows]
+    if cache.has("sample_crc32c"):  # stores older than sample digests cannot tell
+        expected, found = cache.load("sample_crc32c")[rows], corpus.digests()
+        changed = np.flatnonzero(expected != found)
+        if len(changed) and on_error == "raise":
+            first = int(changed[0])
+            shard, _ = corpus.locate(first)
+            raise changed_sample_error(corpus.index.names[shard], corpus.index.key(first),
+                                       changed_since(cache.path, int(found[first]), int(expected[first])) +
+                                       f" ({len(changed)} such samples)")
+        valid[changed] = False
     rows = rows[valid]
     if not len(rows):
         raise ValueError(f"cache {cache.path}: every row of data {corpus.spec!r} is invalid")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, replace
 
@@ -26,9 +27,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from common import dist
-from common.cache import (CAPTIONS, CHUNK_ROWS, DTYPES, FORMAT_VERSION, MAIN_TEACHER, TEACHER_ATTRS, TEACHER_NAME, TEACHERS,
-                          CacheError, create_store, create_teacher_group, dequantize, grad_slots, open_group,
-                          provenance_diff, quantize, store_index, teacher_group)
+from common.cache import (CAPTIONS, CHUNK_ROWS, COMPLETE_KEYS, DTYPES, FORMAT_VERSION, MAIN_TEACHER, TEACHER_ATTRS,
+                          TEACHER_NAME, TEACHERS, CacheError, content_hash, create_store, create_teacher_group,
+                          dequantize, grad_slots, open_group, provenance_diff, quantize, read_chunked, store_index,
+                          teacher_group)
 from common.contrastive import contrastive_loss_grads
 from common.corpus import Corpus
 from common.models import LoadedCLIP, create_clip
@@ -73,6 +75,8 @@ class BuildOptions:
             raise ValueError(f"--window-blocks must be >= 0, got {self.window_blocks}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r}: choose one of {sorted(DTYPES)}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"--seed {self.seed}: give a whole number from 0 to 2**63 - 1")
 
     @property
     def adds_teacher(self) -> bool:
@@ -106,6 +110,28 @@ def store_attrs(opts: BuildOptions, teacher: LoadedCLIP, corpus: Corpus) -> dict
         "teacher_logit_bias": teacher.logit_bias,
         "grad_scale": opts.grad_batch / teacher.logit_scale if opts.grads else None,
     }
+
+
+def check_fits_in_memory(opts: BuildOptions, teacher: LoadedCLIP, num_rows: int) -> None:
+    """Refuse, before a store is made, options whose buffers this machine cannot hold (the build would fail to
+    allocate them, or swap): per rank, a window's embeddings (float32, stored and gradient copies), its
+    gradient-batch chunk (int64 per nominal window row) and the rendered image batches in flight."""
+    views, dim = 1 + opts.views, teacher.embed_dim
+    size = teacher.config["vision_cfg"].get("image_size", 224)
+    pixels = size * size if isinstance(size, int) else math.prod(size)
+    window_rows = opts.blocks_per_window * opts.chunk_rows
+    held_rows = min(window_rows, num_rows)
+    batches_in_flight = opts.workers * 4 + 1  # the loader's prefetch_factor per worker, and the one being encoded
+    need = {"window": held_rows * (views + 1) * dim * 4 * 3 + (window_rows * 8 if opts.grads else 0),
+            "image batches": batches_in_flight * min(opts.batch_size, num_rows) * views * 3 * pixels * 4}
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // ranks
+    if sum(need.values()) > memory:
+        parts = ", ".join(f"{what} {n / 2**30:.1f} GiB" for what, n in need.items())
+        raise ValueError(f"a window of {window_rows} rows (--chunk-rows {opts.chunk_rows} x --window-blocks "
+                         f"{opts.blocks_per_window}), --views {opts.views}, --batch-size {opts.batch_size} and "
+                         f"--workers {opts.workers}: a build needs at least {sum(need.values()) / 2**30:.1f} GiB per "
+                         f"rank ({parts}), more than this machine's {memory / 2**30:.1f} GiB per rank: lower them")
 
 
 def window_blocks(n_blocks: int, per_window: int, seed: int) -> list[np.ndarray]:
@@ -161,6 +187,7 @@ class BlockBatches(IterableDataset):
             "block": block, "n_batches": n_batches,
             "rows": np.array([s.row for s in samples]),
             "valid": np.array([s.error is None for s in samples]),
+            "digests": np.array([s.digest for s in samples], dtype=np.uint32),
             "boxes": boxes, "flips": flips,
             "images": images,
             "tokens": self.tokenizer([s.caption for s, _ in ok]) if ok else torch.empty(0, dtype=torch.long),
@@ -197,6 +224,7 @@ class WindowWriter:
             self.blocks[block] = {
                 "image": np.zeros((n, 1 + self.opts.views, self.embed_dim), np.float32),
                 "text": np.zeros((n, self.embed_dim), np.float32), "valid": np.zeros(n, bool),
+                "digests": np.zeros(n, np.uint32),
                 "boxes": np.zeros((n, self.opts.views, 4)), "flips": np.zeros((n, self.opts.views), bool),
                 "seen": 0, "n_batches": batch["n_batches"],
             }
@@ -206,6 +234,7 @@ class WindowWriter:
             buf["image"][local[batch["valid"]]] = image_emb
             buf["text"][local[batch["valid"]]] = text_emb
         buf["valid"][local] = batch["valid"]
+        buf["digests"][local] = batch["digests"]
         buf["boxes"][local], buf["flips"][local] = batch["boxes"], batch["flips"]
         buf["seen"] += 1
         if buf["seen"] < buf["n_batches"]:
@@ -229,6 +258,8 @@ class WindowWriter:
             g["image_emb"][start:stop] = stored_image[i] if self.opts.views else stored_image[i][:, 0]
             g["text_emb"][start:stop] = stored_text[i]
             self.shared("valid", slice(start, stop), buf["valid"])
+            if "sample_crc32c" in self.root:  # an added teacher of a store older than sample digests has none
+                self.shared("sample_crc32c", slice(start, stop), buf["digests"])
             if self.opts.views:
                 self.shared("view_boxes", slice(start, stop), buf["boxes"])
                 self.shared("view_flips", slice(start, stop), buf["flips"])
@@ -346,6 +377,7 @@ def build_cache(opts: BuildOptions) -> str:
         opts = opts.inherit(stored["build"], stored.get("options", {}))
     corpus = Corpus.open(opts.data, on_error=opts.on_error, known=[known] if known else [])
     teacher = create_clip(opts.teacher, opts.pretrained, device=device)
+    check_fits_in_memory(opts, teacher, corpus.num_samples)
     attrs = store_attrs(opts, teacher, corpus)
 
     decision: tuple[str, str] = ("ok", "")
@@ -363,7 +395,7 @@ def build_cache(opts: BuildOptions) -> str:
         return opts.out
 
     root, group = zarr.open_group(opts.out, mode="r+"), teacher_group(opts.out, opts.name)
-    done = group["blocks_done"][...]
+    done = read_chunked(group["blocks_done"], 0, group["blocks_done"].shape[0], f"cache {opts.out}")
     windows = window_blocks(len(done), opts.blocks_per_window, opts.seed)
     todo = [w for w, blocks in enumerate(windows) if not done[blocks].all()]
     mine = {w: windows[w] for w in todo[rank::world]}
@@ -371,7 +403,7 @@ def build_cache(opts: BuildOptions) -> str:
     rows_todo = sum(stop - start for start, stop in map(dataset.block_rows, dataset.blocks))
     loader = DataLoader(dataset, batch_size=None, num_workers=opts.workers,
                         pin_memory=device.startswith("cuda"), prefetch_factor=4 if opts.workers else None,
-                        persistent_workers=False)
+                        persistent_workers=False, worker_init_fn=dist.worker_dies_with_parent())
     writer = WindowWriter(root, group, opts, teacher.embed_dim, attrs["teacher_logit_scale"],
                           attrs["teacher_logit_bias"], attrs["grad_scale"],
                           mine, device)
@@ -402,15 +434,19 @@ def build_cache(opts: BuildOptions) -> str:
     if rank == 0:
         valid = group["valid"][...]
         previous = list(group.attrs.get("invalid_examples", []))
-        group.attrs.update({
+        finished = {
             "invalid_count": int((~valid).sum()),
             "invalid_examples": sorted(set(previous + all_errors))[:100],
             "corpus_errors": corpus.errors,
             "options": {"on_error": opts.on_error, "workers": opts.workers, "device": opts.device, "world": world},
             "complete": True,
-        })
+        }
+        # one update: a store is never complete without the hash that seals what it finished with
+        group.attrs.update(finished | {"complete_hash": content_hash(dict(group.attrs) | finished, COMPLETE_KEYS)})
         rate = rows_todo / elapsed if elapsed > 0 else float("nan")
-        log.info("wrote %s: %d rows (%d this run, %.1f samples/s on rank 0, %d ranks), %d invalid, %.1f s",
-                 opts.out, corpus.num_samples, rows_done, rate, world, int((~valid).sum()), elapsed)
+        log.info("wrote %s: %d rows (%d this run, %.1f samples/s on rank 0, %d ranks), %d invalid, %.1f s%s",
+                 opts.out, corpus.num_samples, rows_done, rate, world, int((~valid).sum()), elapsed,
+                 f"; {len(corpus.lost)} damaged shard(s) lost their samples after the damage (corpus_errors)"
+                 if corpus.lost else "")
     dist.barrier()
     return opts.out

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from common import dist
 from common.cache import (CAPTIONS, CHECKSUM, DTYPES, CacheError, CacheStore, provenance_diff, quantize,
-                          teacher_group)
+                          read_chunked, teacher_group)
 from common.captioner import caption_images
 from common.corpus import Corpus
 from common.models import LoadedCLIP, clip_from_provenance, create_clip
@@ -83,7 +83,8 @@ def row_seed(seed: int, row: int) -> int:
 def generate(store: CacheStore, corpus: Corpus, captioner: LoadedCLIP, opts: CaptionOptions, rank: int,
              world: int) -> None:
     group = zarr.open_group(store.path, mode="r+")[CAPTIONS]
-    done, rows = group["blocks_done"][...], group["text"].chunks[0]
+    done = read_chunked(group["blocks_done"], 0, group["blocks_done"].shape[0], f"cache {store.path}")
+    rows = group["text"].chunks[0]
     valid = store.load("valid")
     mine = np.flatnonzero(~done)[rank::world]
     with tqdm(total=len(mine), unit="block", desc=f"captions (rank {rank})", disable=rank != 0 and world > 1,

@@ -10,7 +10,7 @@ import click
 
 from common.cache import CHUNK_ROWS, DTYPES, MAIN_TEACHER
 from common.corpus import ON_ERROR_CHOICES
-from common.errors import NON_NEGATIVE, POSITIVE, DataPatternGroup, check_device, reported_errors
+from common.errors import NON_NEGATIVE, POSITIVE, SEED, DataPatternGroup, check_device, reported_errors
 from common.lock import output_lock
 from common.models import named_weights
 from stage1_teacher.build import BuildOptions, build_cache
@@ -40,7 +40,7 @@ def main(verbose: bool):
               help="DataLoader decoding workers")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="fp16", show_default=True)
 @click.option("--on-error", type=click.Choice(ON_ERROR_CHOICES), default="raise", show_default=True)
-@click.option("--seed", default=0, show_default=True, help="seeds view crops and gradient batches")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="seeds view crops and gradient batches")
 @click.option("--chunk-rows", default=CHUNK_ROWS, show_default=True, type=POSITIVE,
               help="rows per Zarr chunk (= work block)")
 @click.option("--grads/--no-grads", default=True, show_default=True,
@@ -81,7 +81,7 @@ def add_teacher(store: str, name: str, **kwargs):
 @click.option("--pretrained", default=None, help="the captioner's local checkpoint (or open_clip tag)")
 # not --num: torchrun reads it as its own --numa-binding (argparse abbreviations), so it would never arrive here
 @click.option("--per-image", "num", default=5, show_default=True, type=POSITIVE, help="captions per image")
-@click.option("--seed", default=0, show_default=True, help="seeds the nucleus sampling (per row)")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="seeds the nucleus sampling (per row)")
 @click.option("--seq-len", default=None, type=POSITIVE,
               help="tokens per caption at most, start/end markers included [default: the captioner's context]")
 @click.option("--batch-size", default=64, show_default=True, type=POSITIVE, help="images per captioner batch")
@@ -118,7 +118,7 @@ def info(store: str, as_json: bool):
 @click.option("--teacher-pretrained", default=None,
               help="teacher weights, if they moved since the build: PATH (main), or NAME=PATH,NAME=PATH")
 @click.option("--device", default="cpu", show_default=True, callback=check_device)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 def verify(store: str, data: str, sample: int, teacher_pretrained: str | None, device: str, seed: int):
     """Check keys against the shards and recompute random rows (and one gradient batch) with the teacher."""
     with reported_errors(store=store):

@@ -7,11 +7,21 @@ import os
 
 import click
 
-from common.errors import (NON_NEGATIVE, POSITIVE, POSITIVE_FLOAT, DataPatternCommand, check_device,
-                           reported_errors)
+from common.errors import (NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, POSITIVE_FLOAT, PROBABILITY, SEED,
+                           DataPatternCommand, check_device, reported_errors)
 from common.corpus import ON_ERROR_CHOICES
+from stage2_student.losses import LossSpecError, parse_loss_spec
 from stage2_student.targets import MODES
 from stage2_student.train import DEFAULT_LOSSES, TrainOptions, train
+
+
+def check_losses(ctx, param, value: str) -> str:
+    """click callback for --losses: a spec that does not parse is refused with the other options."""
+    try:
+        parse_loss_spec(value)
+    except LossSpecError as e:
+        raise click.BadParameter(str(e)) from e
+    return value
 
 
 @click.command(cls=DataPatternCommand)
@@ -19,7 +29,7 @@ from stage2_student.train import DEFAULT_LOSSES, TrainOptions, train
 @click.option("--out", required=True, type=click.Path(), help="run directory: student.pt, resume.pt, metrics.jsonl")
 @click.option("--student", required=True, help="open_clip model name, model config JSON, or hub model (hf-hub:ORG/REPO, local-dir:PATH: its weights are the start)")
 @click.option("--cache", default=None, type=click.Path(), help="teacher cache built by `kd-cache build`")
-@click.option("--losses", default=DEFAULT_LOSSES, show_default=True,
+@click.option("--losses", default=DEFAULT_LOSSES, show_default=True, callback=check_losses,
               help="name[:weight],... e.g. fd:2000,icl:1,crd:1; 'task' alone trains plain CLIP")
 @click.option("--teacher-targets", type=click.Choice(MODES), default="auto", show_default=True,
               help="auto: cache, else live teacher; cache: refuse what the cache cannot serve; live: always teacher")
@@ -29,7 +39,7 @@ from stage2_student.train import DEFAULT_LOSSES, TrainOptions, train
 @click.option("--teachers", default=None,
               help="the cache's teachers to learn from: NAME,NAME (see `kd-cache info`) or 'all' [default: main, "
                    "the build's teacher]")
-@click.option("--synthetic-captions", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+@click.option("--synthetic-captions", default=0.0, show_default=True, type=PROBABILITY,
               help="probability that a sample shows one of the cache's synthetic captions (seeded per sample and "
                    "epoch) instead of its own")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=2),
@@ -37,7 +47,7 @@ from stage2_student.train import DEFAULT_LOSSES, TrainOptions, train
 @click.option("--epochs", default=1, show_default=True, type=POSITIVE)
 @click.option("--steps", default=None, type=POSITIVE, help="train this many steps instead of --epochs")
 @click.option("--lr", default=1e-3, show_default=True, type=POSITIVE_FLOAT)
-@click.option("--wd", default=0.1, show_default=True, type=click.FloatRange(min=0))
+@click.option("--wd", default=0.1, show_default=True, type=NON_NEGATIVE_FLOAT)
 @click.option("--warmup", default=10000, show_default=True, type=NON_NEGATIVE,
               help="linear warm-up steps, then cosine (capped at 10% of the run's steps)")
 @click.option("--grad-clip", default=None, type=POSITIVE_FLOAT, help="clip the gradient norm to this value")
@@ -47,7 +57,7 @@ from stage2_student.train import DEFAULT_LOSSES, TrainOptions, train
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
 @click.option("--device", default="cpu", show_default=True, callback=check_device)
 @click.option("--workers", default=2, show_default=True, type=NON_NEGATIVE)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--shuffle-buffer", default=1000, show_default=True, type=POSITIVE)
 @click.option("--on-error", type=click.Choice(ON_ERROR_CHOICES), default="raise", show_default=True,
               help="an unreadable sample stops the run (raise), or leaves its batch and is counted (skip)")

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 import zarr
 
 from common.cache import ChunkedRows
-from common.corpus import Corpus, CorpusError
+from common.corpus import Corpus, CorpusError, check_digest
 from common.models import LoadedCLIP
 from common.views import CLEAN_VIEW, DEFAULT_SCALE, View, keyed_rng, render, sample_view, view_from_arrays
 
@@ -50,8 +50,10 @@ class TrainBatches(Dataset):
 
     def __init__(self, corpus: Corpus, batches: np.ndarray, cache_rows: np.ndarray | None, rank: int, world: int,
                  student: Renderer, teachers: dict[str, Renderer], views: "ViewPolicy", epoch: int,
-                 on_error: str = "raise", captions: "CaptionPolicy | None" = None):
+                 on_error: str = "raise", captions: "CaptionPolicy | None" = None,
+                 digests: np.ndarray | None = None, store: str = ""):
         self.corpus, self.batches, self.cache_rows = corpus, batches, cache_rows
+        self.digests, self.store = digests, store  # the store's sample digests, by cache row
         self.rank, self.world, self.epoch = rank, world, epoch
         self.student, self.teachers, self.views = student, teachers, views
         self.on_error, self.captions = on_error, captions or CaptionPolicy(0.0, 0)
@@ -62,6 +64,9 @@ class TrainBatches(Dataset):
     def __getitem__(self, step: int) -> dict:
         batch = self.batches[step]
         samples = self.corpus.read_rows(np.array_split(batch, self.world)[self.rank], self.on_error)
+        if self.digests is not None:
+            for s in samples:
+                check_digest(s, int(self.digests[self.cache_rows[s.row]]), self.on_error, self.store)
         # with --on-error skip an unreadable sample leaves its batch (one sample smaller); no other sample moves
         skipped = [f"{s.shard}/{s.key}: {s.error}" for s in samples if s.error]
         samples = [s for s in samples if s.error is None]
@@ -95,10 +100,10 @@ class CaptionPolicy:
     targets (`caption_text_emb`) all use the chosen one. Captions are read chunk by chunk (`ChunkedRows`), never
     held whole: N x C strings would cost gigabytes at CC12M scale."""
 
-    def __init__(self, probability: float, seed: int, captions: zarr.Array | None = None):
+    def __init__(self, probability: float, seed: int, captions: zarr.Array | None = None, store: str = ""):
         if probability and captions is None:
             raise ValueError("synthetic captions were asked for, but the store has none: run `kd-cache captions`")
-        self.probability, self.seed, self.captions = probability, seed, captions
+        self.probability, self.seed, self.captions, self.store = probability, seed, captions, store
         self.num = 0 if captions is None else captions.shape[1]
         self.reader: ChunkedRows | None = None
 
@@ -113,7 +118,7 @@ class CaptionPolicy:
         if not len(synthetic):
             return own
         if self.reader is None:  # opened in the DataLoader worker that reads
-            self.reader = ChunkedRows(self.captions, max_chunks=2, what="synthetic captions")
+            self.reader = ChunkedRows(self.captions, max_chunks=2, what=f"synthetic captions of cache {self.store}")
         rows = np.array([cache_rows[i] for i in synthetic])
         read = self.reader.take(rows)[np.arange(len(rows)), chosen[synthetic]]
         texts = list(own)

@@ -5,12 +5,17 @@ The memory budget is a node's. Cached arrays that fit it are held whole (as stor
 image embeddings, N x D x 2 for text, N x D x 2 per gradient array): in memory for a single process, and as a memory
 map of one node-local copy shared by all ranks of a node under torchrun; rows are gathered by numpy indexing and the
 hot path never touches Zarr. Above the budget each rank reads them chunk-aware (`ChunkedRows`: whole chunks, kept in
-an LRU of its share of the budget). `TargetProvider.memory_bytes` and `.chunked` say which and how much.
+an LRU of its share of the budget). `TargetProvider.memory_bytes`, `.chunked` and `.node_local` say which and
+how much.
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
+from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import torch
 
@@ -22,6 +27,7 @@ from common.models import LoadedCLIP
 from common.families import forward_features
 from stage2_student.losses import CACHEABLE_TARGETS, TeacherTargets
 
+log = logging.getLogger("kd-train")
 MODES = ("auto", "cache", "live")
 _LIVE_FEATURE = {"image_emb": "image_emb", "text_emb": "text_emb", "image_tokens": "image_tokens",
                  "hidden_states": "hidden_states", "attentions": "attentions"}
@@ -33,23 +39,74 @@ def uncacheable(needs: frozenset[str]) -> frozenset[str]:
 
 def node_local_copy(cache: CacheStore, name: str) -> np.ndarray:
     """A cached array as a read-only memory map of a copy on this node's disk ($KD_CACHE_DIR/targets), written once
-    per node by local rank 0 (chunk by chunk, checksums verified) and kept for later runs: every rank of the node
-    reads the same pages, so the node holds one copy of the targets, not one per rank."""
+    per node by local rank 0 (chunk by chunk, the store's checksums verified) and kept for later runs: every rank
+    of the node reads the same pages, so the node holds one copy of the targets, not one per rank. The copy's
+    blocks have CRC32C checksums beside it (`<copy>.crc32c.json`): local rank 0 checks them at every open, and a
+    damaged, truncated or unchecked copy is rebuilt from the store, with a warning."""
     path = cache_dir() / "targets" / f"{cache.attrs['content_hash'][:32]}-{name}.npy"
-    if os.environ.get("LOCAL_RANK", "0") == "0" and not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+    if os.environ.get("LOCAL_RANK", "0") == "0":
         array = cache.array(name)
-        tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npy")
-        copy = np.lib.format.open_memmap(tmp, mode="w+", dtype=array.dtype, shape=array.shape)
-        rows = array.chunks[0]
-        for start in range(0, array.shape[0], rows):
-            copy[start:start + rows] = read_chunked(array, start, start + rows, f"cache {cache.path}")
-        copy.flush()
-        del copy
-        os.replace(tmp, path)
+        damage = copy_damage(path, array) if path.exists() else None
+        if damage:
+            log.warning("node-local target copy %s %s: rebuilding it from the store %s", path, damage, cache.path)
+        if damage or not path.exists():
+            write_copy(path, array, f"cache {cache.path}")
     dist.barrier()
     return np.load(path, mmap_mode="r")
 
+
+def checksums_path(copy: Path) -> Path:
+    return copy.with_name(f"{copy.stem}.crc32c.json")
+
+
+def block_checksums(values: np.ndarray, rows: int) -> list[int]:
+    return [google_crc32c.value(np.ascontiguousarray(values[start:start + rows]))
+            for start in range(0, len(values), rows)]
+
+
+def write_copy(path: Path, array, what: str) -> None:
+    """The copy and its per-block checksums, each written to a temporary file and renamed (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npy")
+    copy = np.lib.format.open_memmap(tmp, mode="w+", dtype=array.dtype, shape=array.shape)
+    rows = array.chunks[0]
+    sums = []
+    for start in range(0, array.shape[0], rows):
+        block = read_chunked(array, start, start + rows, what)
+        copy[start:start + rows] = block
+        sums.extend(block_checksums(block, rows))
+    copy.flush()
+    del copy
+    sums_tmp = tmp.with_suffix(".json")
+    sums_tmp.write_text(json.dumps({"rows_per_block": rows, "crc32c": sums}))
+    os.replace(sums_tmp, checksums_path(path))
+    os.replace(tmp, path)
+
+
+def copy_damage(path: Path, array) -> str | None:
+    """What is wrong with the copy at `path` of the store's `array` (None: its every block matches its checksum)."""
+    try:
+        recorded = json.loads(checksums_path(path).read_text())
+        rows, sums = int(recorded["rows_per_block"]), list(recorded["crc32c"])
+    except FileNotFoundError:
+        return "has no checksums (written by an older version)"
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        return f"has unreadable checksums ({checksums_path(path).name}: {e})"
+    try:
+        copy = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as e:  # a truncated file: 'mmap length is greater than file size'
+        return f"cannot be read ({e})"
+    if copy.shape != array.shape or copy.dtype != array.dtype or path.stat().st_size != copy.offset + copy.nbytes:
+        return (f"holds {copy.shape} {copy.dtype} in {path.stat().st_size} bytes, not the store's "
+                f"{array.shape} {array.dtype}")
+    blocks = -(-len(copy) // rows)
+    if len(sums) != blocks:
+        return f"has checksums for {len(sums)} blocks, not its {blocks}"
+    bad = [i for i, (found, stored) in enumerate(zip(block_checksums(copy, rows), sums)) if found != stored]
+    if bad:
+        return (f"is damaged: {len(bad)} of its {blocks} blocks fail their checksums (the first: rows "
+                f"{bad[0] * rows}..{min((bad[0] + 1) * rows, len(copy)) - 1})")
+    return None
 
 class TargetProvider:
     """One teacher's targets (`name`: its name in the store; `cache`: the store seen from that teacher)."""
@@ -63,6 +120,7 @@ class TargetProvider:
         self.cache_hits = self.live_batches = 0
         self.arrays: dict[str, np.ndarray | ChunkedRows] = {}
         self.chunked = False
+        self.node_local = False  # held whole as a memory map of the node-local copy (under torchrun)
         self.logit_scale = cache.teacher_logit_scale if cache is not None else (
             teacher.logit_scale if teacher is not None else None)
         self.logit_bias = cache.teacher_logit_bias if cache is not None else (
@@ -85,6 +143,7 @@ class TargetProvider:
             elif int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > 1:  # one copy per node, shared by its ranks
                 # sorted: set order differs between processes (hash seeds), and each copy ends in a barrier
                 self.arrays = {name: node_local_copy(cache, name) for name in sorted(wanted)}
+                self.node_local = True
             else:
                 self.arrays = {name: cache.load(name) for name in wanted}
 

@@ -27,6 +27,7 @@ from common.cache import CAPTIONS, MAIN_TEACHER, CacheError, CacheStore, join_to
 from common.corpus import Corpus
 from common.errors import Interrupted, NonFiniteError, as_disk_full
 from common.lock import output_lock
+from common.storage import cache_dir
 from common.models import LoadedCLIP, clip_from_provenance, create_clip, model_config, named_weights
 from stage2_student.data import CaptionPolicy, Renderer, TrainBatches, ViewPolicy, shuffled_rows
 from stage2_student.losses import LossSet, loss_classes, teacher_needs_of
@@ -38,8 +39,15 @@ DEFAULT_LOSSES = "task,fd,icl,crd"  # CLIP-KD: task + FD (2000) + ICL (1) + CRD 
 # pooled StudentOutputs / TeacherTargets fields: computed per rank, gathered into the global batch
 _POOLED_STUDENT = ("image_emb", "text_emb", "masked_image_emb")  # projected per teacher after the gather
 _POOLED_TEACHER = ("image_emb", "text_emb", "image_grad", "text_grad")
-RUN_FILES = ("student.pt", "resume.pt", "metrics.jsonl", "options.json", "open_clip_config.json")
+RUN_FILES = ("student.pt", "resume.pt", "metrics.jsonl", "options.json", "open_clip_config.json", "lost_samples.json")
 MAX_WARMUP_FRACTION = 0.1  # a longer warm-up would spend the run at a near-zero learning rate
+# options compared on --resume (with the world size, the resolved precision and the live teachers' weights)
+TRAJECTORY_OPTIONS = ("data", "student", "cache", "losses", "teacher_targets", "teacher", "teachers",
+                      "synthetic_captions", "batch_size", "epochs", "steps", "lr", "wd", "warmup", "grad_clip",
+                      "augment", "batching", "seed", "shuffle_buffer", "init")
+# options a --resume may change: they do not change the numbers (options.json records from which step they applied)
+RESUMABLE_CHANGES = ("teacher_pretrained", "on_error", "device", "workers", "log_every", "save_every",
+                     "target_memory_gb")
 
 
 @dataclass
@@ -85,6 +93,12 @@ class TrainOptions:
             raise ValueError("--batch-size must be >= 2: contrastive losses need negatives")
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --out, --overwrite replaces it: give one of them")
+
+
+def option_name(field: str) -> str:
+    """How a person knows a compared option: its flag, or what the run derived it from."""
+    derived = {"world": "the torchrun world size", "teacher_weights": "the live teachers' weights (fingerprints)"}
+    return derived.get(field, "--" + field.replace("_", "-"))
 
 
 def param_groups(modules: list[torch.nn.Module], wd: float) -> list[dict]:
@@ -170,14 +184,23 @@ def capped_warmup(warmup: int, total_steps: int) -> int:
 
 
 def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to write over a run or into an unrelated non-empty directory unless told to."""
+    """Refuse to write over a run or into an unrelated non-empty directory unless told to, and --resume without a
+    resume.pt; a run killed before its first save gets one answer, with or without --resume."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: give a directory")
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if not entries or resume:
+    holds_run, saved = bool(set(entries) & set(RUN_FILES)), "resume.pt" in entries
+    if holds_run and not saved and not overwrite:
+        raise ValueError(f"--out {out} holds a run that stopped before its first save (no resume.pt), so there is "
+                         f"nothing to resume: start it again with --overwrite, or choose another --out")
+    if resume:
+        if not saved:
+            raise ValueError(f"--resume: {out} holds no run to continue (no resume.pt): start without --resume")
+        return
+    if not entries:
         return
     if not overwrite:
-        what = "holds a run" if set(entries) & set(RUN_FILES) else "is a non-empty directory"
+        what = "holds a run" if holds_run else "is a non-empty directory"
         raise ValueError(f"--out {out} {what} ({', '.join(entries[:4])}{', ...' if len(entries) > 4 else ''}): "
                          f"--resume continues a run, --overwrite replaces it, or choose another --out")
     for name in RUN_FILES:  # only this tool's files: --overwrite never deletes what it did not write
@@ -239,6 +262,12 @@ class Trainer:
         if self.cache is not None:
             usable = self.cache.load("valid")[self.cache_rows]
         self.skipped_invalid = int((~usable).sum())
+        self.digests = None  # the store's sample digests: a sample read with other bytes is refused or skipped
+        if self.cache is not None and self.cache.has("sample_crc32c"):
+            self.digests = self.cache.load("sample_crc32c")
+        elif self.cache is not None and self.rank == 0:
+            log.warning("cache %s predates sample digests: a shard whose content changed under the same name, size "
+                        "and keys goes unnoticed; rebuild the cache to get them", opts.cache)
         self.usable = usable
         boxes = flips = None
         if self.cache is not None and self.cache.views and opts.augment:
@@ -258,6 +287,9 @@ class Trainer:
         sigmoid = ({name: store.teacher_logit_bias is not None for name, store in self.stores.items()} if self.cache
                    else {name: t.logit_bias is not None for name, t in self.teachers.items()})
         check_models_serve_losses(self.loss_set, self.student_clip, self.teachers, sigmoid)
+        for name in (name for name, weight in self.loss_set.weights.items() if weight == 0):
+            log.warning("--losses %s: %s has weight 0, so it adds nothing to the loss but is still computed (its "
+                        "teacher targets read): drop it, or give it a weight", opts.losses, name)
         budget = (opts.target_memory_gb * 2**30 if opts.target_memory_gb is not None  # per node
                   else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2)
         self.targets = {name: TargetProvider(opts.teacher_targets, needs, optional, self.stores.get(name),
@@ -313,7 +345,7 @@ class Trainer:
             if store.teacher_group.attrs.get("captions") != current:
                 raise CacheError(f"--synthetic-captions: teacher {name} of {self.opts.cache} has not embedded the "
                                  f"current captions: re-run `kd-cache captions` (it embeds them with every teacher)")
-        return CaptionPolicy(p, self.opts.seed, self.cache.group[f"{CAPTIONS}/text"])
+        return CaptionPolicy(p, self.opts.seed, self.cache.group[f"{CAPTIONS}/text"], self.opts.cache)
 
     def live_teachers(self) -> dict[str, LoadedCLIP]:
         """The live fallback: every teacher the run learns from, each checked against its provenance."""
@@ -372,11 +404,13 @@ class Trainer:
     def loader(self, epoch: int, start_step: int) -> DataLoader:
         dataset = TrainBatches(self.corpus, self.epoch_batches(epoch), self.cache_rows, self.rank, self.world,
                                Renderer.of(self.student_clip), {n: Renderer.of(t) for n, t in self.teachers.items()},
-                               self.views, epoch, self.opts.on_error, self.captions)
+                               self.views, epoch, self.opts.on_error, self.captions, self.digests,
+                               self.opts.cache or "")
         # its own generator: creating the iterator must not draw from the global RNG (resume reproducibility)
         return DataLoader(dataset, batch_size=None, sampler=range(start_step, len(dataset)),
                           num_workers=self.opts.workers, pin_memory=self.device.startswith("cuda"),
-                          generator=torch.Generator().manual_seed(self.opts.seed + epoch))
+                          generator=torch.Generator().manual_seed(self.opts.seed + epoch),
+                          worker_init_fn=dist.worker_dies_with_parent())
 
     # ---------------------------------------------------------------- one step
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -466,22 +500,25 @@ class Trainer:
         }, self.out / "resume.pt")
 
     def resume_options(self) -> dict:
-        """Options that must not change across --resume (they shape the run's numbers)."""
-        keep = ("data", "student", "cache", "losses", "teacher_targets", "batch_size", "epochs", "steps", "lr",
-                "wd", "warmup", "augment", "batching", "seed", "shuffle_buffer", "init", "teachers",
-                "synthetic_captions")
-        return {k: getattr(self.opts, k) for k in keep} | {"world": self.world}
+        """What must not change across --resume: every option that shapes the run's numbers (the others, in
+        RESUMABLE_CHANGES, may change and are recorded in options.json from the step they applied)."""
+        return {k: getattr(self.opts, k) for k in TRAJECTORY_OPTIONS} | {
+            "world": self.world, "precision": "bf16" if self.autocast_dtype is not None else "fp32",
+            "teacher_weights": {name: t.fingerprint for name, t in self.teachers.items()}}
 
     def load_resume(self) -> tuple[int, int]:
         path = self.out / "resume.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"--resume: no {path}; start without --resume")
         state = upgrade_single_teacher_resume(torch.load(path, map_location="cpu", weights_only=True),
                                               self.loss_set.per_teacher_losses)
-        stored = json.loads(state["options"])
-        if stored != self.resume_options():
-            diff = {k: (stored.get(k), v) for k, v in self.resume_options().items() if stored.get(k) != v}
-            raise ValueError(f"--resume: {path} was written with other options {diff}; use the original ones")
+        stored, current = json.loads(state["options"]), self.resume_options()
+        unrecorded = [k for k in current if k not in stored]  # a resume.pt written before they were compared
+        if unrecorded:
+            log.warning("--resume: %s does not record %s (written before they were compared): assuming they did "
+                        "not change", path, ", ".join(option_name(k) for k in unrecorded))
+        diff = [f"{option_name(k)} {stored[k]} -> {v}" for k, v in current.items() if k in stored and stored[k] != v]
+        if diff:
+            raise ValueError(f"--resume: {path} was written with other options ({'; '.join(diff)}): give the "
+                             f"original ones, or start a new run in another --out")
         self.student.load_state_dict(state["student"])
         self.loss_set.load_state_dict(state["losses"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -501,9 +538,12 @@ class Trainer:
             seconds = time.perf_counter() - started
             samples = (self.step - first_step) * self.opts.batch_size
             if self.rank == 0:
+                lost = self.corpus.lost
                 log.info("wrote %s (student.pt, open_clip_config.json, resume.pt, metrics.jsonl): steps %d-%d, "
-                         "%d samples in %.1f s (%.1f samples/s)", self.out, first_step + 1, self.step, samples,
-                         seconds, samples / seconds if seconds else 0.0)
+                         "%d samples in %.1f s (%.1f samples/s)%s", self.out, first_step + 1, self.step, samples,
+                         seconds, samples / seconds if seconds else 0.0,
+                         f"; {len(lost)} damaged shard(s) lost their samples after the damage, "
+                         f"{self.skipped_samples} unreadable sample(s) skipped (lost_samples.json)" if lost else "")
         return last
 
     def start_files(self) -> Path:
@@ -514,11 +554,31 @@ class Trainer:
             kept = [line for line in (metrics_path.read_text().splitlines() if self.opts.resume and
                                       metrics_path.exists() else []) if json.loads(line)["step"] <= self.step]
             metrics_path.write_text("".join(line + "\n" for line in kept))  # drop steps redone after a crash
-            (self.out / "options.json").write_text(json.dumps(asdict(self.opts) | {"warmup_steps": self.warmup},
-                                                              indent=2))
+            (self.out / "options.json").write_text(json.dumps(self.recorded_options(), indent=2))
             # plain open_clip loads student.pt with this: add_model_config(it), then create_model(its stem)
             (self.out / "open_clip_config.json").write_text(json.dumps(self.student_clip.config, indent=2))
+            lost_path = self.out / "lost_samples.json"
+            if self.corpus.lost:
+                lost_path.write_text(json.dumps(self.corpus.lost, indent=2))
+            else:
+                lost_path.unlink(missing_ok=True)
         return metrics_path
+
+    def recorded_options(self) -> dict:
+        """options.json: the options the run started with; a --resume that changes one of RESUMABLE_CHANGES
+        appends {"from_step": N, option: value} to its "changes"."""
+        options = asdict(self.opts) | {"warmup_steps": self.warmup}
+        path = self.out / "options.json"
+        if not (self.opts.resume and path.is_file()):
+            return options
+        recorded = json.loads(path.read_text())
+        in_effect = recorded.copy()
+        for change in recorded.get("changes", []):
+            in_effect.update(change)
+        changed = {k: options[k] for k in RESUMABLE_CHANGES if in_effect.get(k) != options[k]}
+        if changed:
+            recorded["changes"] = [*recorded.get("changes", []), {"from_step": self.step + 1, **changed}]
+        return recorded
 
     def loop(self, signals: StopSignals) -> dict:
         epoch, start = self.load_resume() if self.opts.resume else (0, 0)
@@ -527,7 +587,8 @@ class Trainer:
                  self.total_steps, self.opts.batch_size, self.warmup, self.skipped_invalid,
                  sum(p.memory_bytes for p in self.targets.values()) / 2**20,
                  "of chunks read on demand (over --target-memory-gb)" if any(p.chunked for p in self.targets.values())
-                 else "in memory")
+                 else f"memory-mapped from this node's copy in {cache_dir() / 'targets'}"
+                 if any(p.node_local for p in self.targets.values()) else "in memory")
         last: dict = {}
         window_start, window_samples = time.perf_counter(), 0
         # closed on an error too, so that the error starts on its own line
@@ -551,6 +612,7 @@ class Trainer:
                         last = {"step": self.step, "epoch": epoch, "lr": self.scheduler.get_last_lr()[0], **terms,
                                 "samples_per_s": window_samples / elapsed if elapsed else None,
                                 "cache_hits": hits, "live_batches": live, "skipped_samples": self.skipped_samples,
+                                "damaged_shards": len(self.corpus.lost),
                                 "cache_hit_rate": hits / (hits + live) if hits + live else None}
                         window_start, window_samples = time.perf_counter(), 0
                         bar.set_postfix(loss=f"{terms['loss']:.4f}")

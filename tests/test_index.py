@@ -17,7 +17,7 @@ from common.index import scan_shard, sidecar_url
 from common.storage import stat_many
 from common.synth import make_sample, write_shard
 from stage1_teacher.build import BuildOptions, build_cache
-from tests.helpers import plain_keys, save_random_checkpoint
+from tests.helpers import cli, plain_keys, save_random_checkpoint
 
 TEACHER = "kd-test-teacher"
 
@@ -136,3 +136,46 @@ def test_pax_and_long_names_index_like_webdataset(tmp_path):
         expected = [s["__key__"] for s in wds.WebDataset(str(path), shardshuffle=False)]
         assert list(corpus.keys) == expected == ["000000000", long_key, "000000002"]
         assert corpus.read_rows([1])[0].key == long_key
+
+
+def flip_offsets_chunk(sidecar: str) -> None:
+    chunk = f"{sidecar}/offsets/c/0"
+    data = bytearray(open(chunk, "rb").read())
+    data[len(data) // 2] ^= 0x40
+    open(chunk, "wb").write(bytes(data))
+
+
+def without_checksums(sidecar: str) -> None:
+    """The sidecar as kd-train wrote it before sidecars had checksums: the same arrays, no codec."""
+    group = zarr.open_group(sidecar, mode="r+")
+    for name, array in list(group.arrays()):
+        values = array[...]
+        group.create_array(name, shape=values.shape, dtype=array.dtype, chunks=array.chunks, overwrite=True,
+                           compressors=None)[...] = values
+
+
+def a_missing_chunk(sidecar: str) -> None:
+    os.remove(f"{sidecar}/errors/c/0")  # read back, it would be the fill value: no shard damage
+
+
+def broken_metadata(sidecar: str) -> None:
+    with open(f"{sidecar}/key_ends/zarr.json", "w") as f:
+        f.write("{")
+
+
+@pytest.mark.parametrize("damage, said", [(flip_offsets_chunk, "Stored and computed checksum do not match"),
+                                          (without_checksums, "have no checksums (written by an older version)"),
+                                          (a_missing_chunk, "array errors has 0 of its 1 chunk files"),
+                                          (broken_metadata, "")])
+def test_a_damaged_or_unchecked_sidecar_is_rebuilt_with_a_warning(shards, tmp_path, caplog, damage, said):
+    Corpus.open(str(shards))
+    sidecar = sidecar_url(expand_spec(str(shards)))
+    damage(sidecar)
+    result = cli("stage2_student.cli", "--data", shards, "--out", tmp_path / "run", "--student", "kd-test-student",
+                 "--losses", "task", "--batch-size", "16", "--steps", "1", "--workers", "0", check=False)
+    assert result.returncode == 0, result.stderr[-2000:]  # no healthy shard is blamed
+    assert f"corpus index sidecar {sidecar} is damaged or unreadable" in result.stderr and said in result.stderr
+    assert "indexing its shards again" in result.stderr and "indexed 3 of 3 shards" in result.stderr
+    caplog.set_level(logging.INFO)
+    Corpus.open(str(shards))
+    assert indexed_shards(caplog) == 0 and "sidecar" not in caplog.text  # rewritten, intact

@@ -255,3 +255,40 @@ def test_bad_sample_in_a_dataloader_worker_is_the_one_line_message(tmp_path):
              if line.startswith("Error: ")]
     assert len(lines) == 2 and lines[0] == lines[1] and "00000.tar, key 000000005: undecodable image" in lines[0]
     assert all(r.returncode == 1 and "Caught" not in r.stderr and "Traceback" not in r.stderr for r in results)
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_dataloader_workers_die_quietly_with_a_killed_run(synth_corpus, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "stage2_student.cli", "--out", str(out),
+                             *train_args(synth_corpus, "--losses", "task", "--steps", 1000, "--workers", 2)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_steps(proc, out, 2)
+    workers = children_of(proc.pid)
+    assert len(workers) >= 2
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 1  # torch's own watchdog alone takes up to 5 s
+    while any(map(alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(map(alive, workers)), "DataLoader workers outlived their killed parent"
+    stderr = proc.stderr.read()  # at its end: no writer is left
+    assert "Traceback" not in stderr and "ConnectionResetError" not in stderr, stderr[-2000:]

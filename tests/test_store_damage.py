@@ -66,18 +66,21 @@ def test_a_missing_chunk_is_an_error_not_zeros(store, synth_corpus, tmp_path):
     assert result.returncode == 1 and "text_grad has 5 of its 6 chunk files" in result.stderr
 
 
-def test_edited_attributes_are_refused(store):
+def edit_attributes(store: Path, **changes) -> None:
+    """Attributes changed in the store's zarr.json by hand, behind zarr's back."""
     meta = json.loads((store / "zarr.json").read_text())
-    meta["attributes"]["teacher_logit_scale"] *= 2
+    meta["attributes"].update(changes)
     (store / "zarr.json").write_text(json.dumps(meta))
+
+
+def test_edited_attributes_are_refused(store):
+    edit_attributes(store, teacher_logit_scale=2 * CacheStore(str(store)).teacher_logit_scale)
     with pytest.raises(CacheError, match="attributes were changed after the build"):
         CacheStore(str(store))
 
 
 def test_a_format_1_store_gets_a_clear_message(store):
-    meta = json.loads((store / "zarr.json").read_text())
-    meta["attributes"]["format_version"] = 1
-    (store / "zarr.json").write_text(json.dumps(meta))
+    edit_attributes(store, format_version=1)
     with pytest.raises(CacheError, match="format version 1, this package reads 2: rebuild it"):
         CacheStore(str(store))
 
@@ -118,3 +121,53 @@ def test_int8_store_without_gradients(synth_corpus, teacher_ckpt, pristine, tmp_
                   "--student", STUDENT, "--losses", "gd", "--batching", "cache", "--batch-size", "32", "--steps", "1",
                   "--workers", "0", check=False)
     assert refused.returncode == 1 and "grad" in refused.stderr
+
+
+def every_command(store, synth_corpus, run) -> list:
+    """kd-train, kd-eval from the store, and kd-cache verify, on `store`."""
+    return [train(synth_corpus, store, run),
+            cli("evaluation.cli", "retrieval", "--cache", store, "--data", synth_corpus / "train", check=False),
+            cli("stage1_teacher.cli", "verify", store, "--data", synth_corpus / "train", "--sample", "4",
+                check=False)]
+
+
+def test_a_damaged_index_chunk_names_store_array_and_chunk_in_every_command(store, synth_corpus, tmp_path):
+    chunk = store / "index" / "offsets" / "c" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[40] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    said = (f"cache {store}: its corpus index is damaged: array index/offsets, chunk 0 (rows 0..191) is damaged "
+            f"(Stored and computed checksum do not match")
+    for result in every_command(store, synth_corpus, tmp_path / "run"):
+        assert result.returncode == 1 and said in result.stderr, result.stderr[-2000:]
+        assert "rebuild the store with `kd-cache build --overwrite`" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "student.pt").exists()
+
+
+def test_edited_array_metadata_is_refused_in_every_command(store, synth_corpus, tmp_path):
+    meta_path = store / "image_emb" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["shape"][0] = 100  # of 192 rows
+    meta_path.write_text(json.dumps(meta))
+    said = (f"cache {store}: array image_emb has shape (100, 48), chunks (32, 48), dtype float16, where its build "
+            f"makes (192, 48), (32, 48), float16: its zarr.json was edited or damaged")
+    for result in every_command(store, synth_corpus, tmp_path / "run"):
+        assert result.returncode == 1 and said in result.stderr, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr and "broadcast" not in result.stdout + result.stderr
+    assert not (tmp_path / "run" / "student.pt").exists()
+
+
+def test_edited_completion_attributes_are_refused(store):
+    edit_attributes(store, invalid_count=7)
+    with pytest.raises(CacheError, match="attributes were changed after the build finished .*invalid_count"):
+        CacheStore(str(store))
+
+
+def test_a_store_finished_before_digests_and_its_seal_still_trains_with_a_warning(store, synth_corpus, tmp_path):
+    group = zarr.open_group(str(store), mode="r+")
+    del group["sample_crc32c"]
+    del group.attrs["complete_hash"]
+    result = train(synth_corpus, store, tmp_path / "run")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"cache {store} predates sample digests" in result.stderr and "rebuild the cache" in result.stderr

@@ -3,13 +3,17 @@ counts it, and moves no other sample."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import tarfile
 
 import numpy as np
 import pytest
 
 from common.synth import make_sample, write_shard
+from stage1_teacher.build import BuildOptions, build_cache
 from stage2_student.train import Trainer, TrainOptions
-from tests.helpers import cli, torchrun
+from tests.helpers import cli, save_random_checkpoint, torchrun
 
 STUDENT = "kd-test-student"
 
@@ -57,3 +61,72 @@ def test_two_ranks_with_a_skipped_sample_give_the_single_process_losses(tmp_path
     one, two = read("one"), read("two")
     assert two[-1]["skipped_samples"] == 1
     assert [m["loss"] for m in one] == pytest.approx([m["loss"] for m in two], rel=1e-4)
+
+
+def good_shards(data, shards: int, per_shard: int):
+    for shard in range(shards):
+        write_shard(data / f"{shard:05d}.tar", [make_sample(0, "train", i, f"{i:09d}", image_size=32)
+                                                 for i in range(shard * per_shard, (shard + 1) * per_shard)])
+    return data
+
+
+def test_a_truncated_shard_under_skip_counts_what_it_lost(tmp_path):
+    data = good_shards(tmp_path / "data", 3, 64)
+    damaged = data / "00001.tar"
+    damaged.write_bytes(damaged.read_bytes()[:damaged.stat().st_size // 2])
+    run = tmp_path / "run"
+    result = cli("stage2_student.cli", "--data", data, "--out", run, "--student", STUDENT, "--losses", "task",
+                 "--batch-size", "16", "--steps", "2", "--workers", "0", "--log-every", "1", "--on-error", "skip")
+    lost = json.loads((run / "lost_samples.json").read_text())
+    assert [(x["shard"], x["byte_offset"]) for x in lost] == [(str(damaged), damaged.stat().st_size)]
+    assert 0 < lost[0]["samples_before"] < 64 and lost[0]["error"].startswith("truncated")
+    assert f"shard {damaged} is damaged at byte {damaged.stat().st_size}" in result.stderr
+    assert "its samples from there on are lost" in result.stderr
+    assert "1 damaged shard(s) lost their samples after the damage" in result.stderr  # the summary line
+    assert all(json.loads(line)["damaged_shards"] == 1 for line in (run / "metrics.jsonl").read_text().splitlines())
+    ckpt = save_random_checkpoint("kd-test-teacher", tmp_path / "teacher.pt", seed=1)
+    built = cli("stage1_teacher.cli", "build", "--teacher", "kd-test-teacher", "--pretrained", ckpt, "--data", data,
+                "--out", tmp_path / "s.zarr", "--batch-size", 16, "--grad-batch", 16, "--chunk-rows", 16,
+                "--workers", 0, "--on-error", "skip")
+    assert f"shard {damaged} is damaged at byte {damaged.stat().st_size}" in built.stderr
+    assert "1 damaged shard(s) lost their samples after the damage (corpus_errors)" in built.stderr
+
+
+def reverse_captions_in_place(shard) -> None:
+    """Every .txt member's bytes reversed where they lie: the same name, size, keys and (restored) mtime."""
+    stat = os.stat(shard)
+    with tarfile.open(shard) as tar:
+        spans = [(m.offset_data, m.size) for m in tar if m.name.endswith(".txt")]
+    data = bytearray(shard.read_bytes())
+    for start, size in spans:
+        data[start:start + size] = data[start:start + size][::-1]
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_a_shard_changed_in_place_is_refused_or_skipped_against_its_store(tmp_path):
+    data = good_shards(tmp_path / "data", 2, 32)
+    store = tmp_path / "s.zarr"
+    ckpt = save_random_checkpoint("kd-test-teacher", tmp_path / "teacher.pt", seed=1)
+    build_cache(BuildOptions(teacher="kd-test-teacher", pretrained=str(ckpt), data=str(data), out=str(store),
+                             batch_size=16, grad_batch=16, chunk_rows=16, workers=0))
+    changed = data / "00001.tar"
+    reverse_captions_in_place(changed)
+    args = ["--cache", store, "--data", data, "--student", STUDENT, "--losses", "task,fd", "--batch-size", "16",
+            "--epochs", "1", "--workers", "0", "--log-every", "1", "--warmup", "1"]
+    refused = cli("stage2_student.cli", "--out", tmp_path / "raise", *args, check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    assert re.search(r"shard 00001\.tar, key 0000000\d\d: its bytes changed since cache .* was built", refused.stderr)
+    assert "--on-error skip" in refused.stderr and not (tmp_path / "raise" / "student.pt").exists()
+    cli("stage2_student.cli", "--out", tmp_path / "skip", *args, "--on-error", "skip")
+    metrics = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["skipped_samples"] == 32  # the changed shard's every sample, in one epoch
+    evaluated = cli("evaluation.cli", "retrieval", "--cache", store, "--data", data, check=False)
+    assert evaluated.returncode == 1 and "its bytes changed since cache" in evaluated.stderr
+    assert "(32 such samples)" in evaluated.stderr and "Traceback" not in evaluated.stderr
+    skipped = cli("evaluation.cli", "retrieval", "--cache", store, "--data", data, "--on-error", "skip")
+    assert "32 images, 32 captions, 32 invalid samples dropped" in skipped.stdout
+    other = save_random_checkpoint("kd-test-teacher", tmp_path / "other.pt", seed=2)
+    added = cli("stage1_teacher.cli", "add-teacher", store, "--name", "b", "--teacher", "kd-test-teacher",
+                "--pretrained", other, "--data", data, "--workers", 0, check=False)
+    assert added.returncode == 1 and "sample_crc32c differs from the store's build" in added.stderr

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import subprocess
 import sys
+import time
 
 import click
 import open_clip
@@ -18,7 +20,7 @@ from evaluation.cli import main as kd_eval
 from stage1_teacher.cli import main as kd_cache
 from stage2_student.cli import main as kd_train
 from stage2_student.train import Trainer, TrainOptions
-from tests.helpers import cli, save_random_checkpoint, torchrun
+from tests.helpers import REPO, cli, save_random_checkpoint, torchrun
 
 STUDENT, TEACHER = "kd-test-student", "kd-test-teacher"
 
@@ -43,6 +45,16 @@ def tiny_run(synth_corpus, *extra) -> list[str]:
     (kd_train, ["--lr", "-1e-3"], "--lr"),
     (kd_train, ["--target-memory-gb", "0"], "--target-memory-gb"),
     (kd_train, ["--warmup", "-5"], "--warmup"),
+    (kd_train, ["--target-memory-gb", "nan"], "--target-memory-gb"),
+    (kd_train, ["--target-memory-gb", "inf"], "--target-memory-gb"),
+    (kd_train, ["--wd", "nan"], "--wd"),
+    (kd_train, ["--grad-clip", "nan"], "--grad-clip"),
+    (kd_train, ["--lr", "inf"], "--lr"),
+    (kd_train, ["--synthetic-captions", "nan"], "--synthetic-captions"),
+    (kd_train, ["--losses", "task,fd:1e400"], "--losses"),
+    (kd_train, ["--seed", str(2**64)], "--seed"),
+    (kd_cache, ["build", "--seed", "-1"], "--seed"),
+    (kd_cache, ["build", "--seed", str(2**64)], "--seed"),
     (kd_cache, ["build", "--batch-size", "0"], "--batch-size"),
     (kd_cache, ["build", "--grad-batch", "1"], "--grad-batch"),
     (kd_cache, ["build", "--views", "-1"], "--views"),
@@ -203,3 +215,53 @@ def test_two_ranks_refuse_an_indivisible_batch_and_gather_without_deprecated_api
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert "all_gather is deprecated" not in ran.stderr  # torch.distributed.nn's all_gather warned on every step
     assert (tmp_path / "even.lock").read_text().strip().isdigit()  # rank 0 held the lock
+
+
+def test_resume_refuses_changed_trajectory_options_and_records_the_changes_it_allows(synth_corpus, tmp_path):
+    run = tmp_path / "run"
+    cli("stage2_student.cli", "--out", run, *tiny_run(synth_corpus, "--save-every", 1))
+    options = (run / "options.json").read_text()
+    for changed, said in ((["--grad-clip", "1.0"], "--grad-clip None -> 1.0"),
+                          (["--precision", "bf16"], "--precision fp32 -> bf16")):
+        refused = cli("stage2_student.cli", "--out", run, "--resume", *tiny_run(synth_corpus, *changed), check=False)
+        assert refused.returncode == 1 and said in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+        assert "give the original ones" in refused.stderr
+        assert (run / "options.json").read_text() == options
+    cli("stage2_student.cli", "--out", run, "--resume", *tiny_run(synth_corpus, "--save-every", 1, "--log-every", 2,
+                                                                 "--on-error", "skip"))
+    recorded = json.loads((run / "options.json").read_text())
+    assert recorded["log_every"] == 1 and recorded["on_error"] == "raise" and recorded["grad_clip"] is None
+    assert recorded["changes"] == [{"from_step": 3, "log_every": 2, "on_error": "skip"}]
+
+
+def test_a_run_killed_before_its_first_save_gets_one_answer(synth_corpus, tmp_path):
+    run = tmp_path / "run"
+    args = tiny_run(synth_corpus, "--steps", 1000, "--save-every", 1000)
+    proc = subprocess.Popen([sys.executable, "-m", "stage2_student.cli", "--out", str(run), *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None and not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text()):
+        time.sleep(0.01)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL and not (run / "resume.pt").exists()
+    answer = f"--out {run} holds a run that stopped before its first save (no resume.pt), so there is nothing to resume"
+    for extra in ([], ["--resume"]):
+        result = cli("stage2_student.cli", "--out", run, *extra, *args, check=False)
+        assert result.returncode == 1 and answer in result.stderr and "start it again with --overwrite" in result.stderr
+    cli("stage2_student.cli", "--out", run, "--overwrite", *tiny_run(synth_corpus))
+    empty = cli("stage2_student.cli", "--out", tmp_path / "new", "--resume", *tiny_run(synth_corpus), check=False)
+    assert empty.returncode == 1 and "holds no run to continue (no resume.pt): start without --resume" in empty.stderr
+
+
+@pytest.mark.parametrize("args", [["--chunk-rows", 10**12], ["--window-blocks", 10**9], ["--views", 100000]])
+def test_a_build_the_machine_cannot_hold_is_refused_before_its_store_exists(synth_corpus, tmp_path, args):
+    out = tmp_path / "s.zarr"
+    result = CliRunner().invoke(kd_cache, ["build", "--teacher", TEACHER, "--data", str(synth_corpus / "val"),
+                                           "--out", str(out), "--workers", "0", *map(str, args)])
+    assert result.exit_code == 1 and "a build needs at least" in result.output and "lower them" in result.output
+    assert "more than this machine's" in result.output and not out.exists(), result.output
+
+
+def test_a_zero_loss_weight_warns(synth_corpus, tmp_path):
+    result = cli("stage2_student.cli", "--out", tmp_path / "r", *tiny_run(synth_corpus, "--losses", "task:0",
+                                                                          "--steps", 1))
+    assert "--losses task:0: task has weight 0, so it adds nothing to the loss" in result.stderr

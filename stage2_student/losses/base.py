@@ -18,6 +18,7 @@ what it does with either; one that cannot serve a sigmoid teacher sets `sigmoid_
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import ClassVar
@@ -144,6 +145,9 @@ def parse_loss_spec(spec: str) -> list[tuple[str, float | None]]:
         if weight and not _WEIGHT.match(weight.strip()):
             raise LossSpecError(f"--losses {spec!r}: weight {weight!r} of {name!r} is not a non-negative number "
                                 f"(e.g. 2000, 0.5, 1e8)")
+        if weight and not math.isfinite(float(weight)):
+            raise LossSpecError(f"--losses {spec!r}: weight {weight!r} of {name!r} is beyond a float's range "
+                                f"(at most about 1.8e308)")
         items.append((name, float(weight) if weight else None))
     return items
 

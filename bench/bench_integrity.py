@@ -22,7 +22,7 @@ from pathlib import Path
 import google_crc32c
 import numpy as np
 
-import _common as C  # noqa: N812, F401 - also puts the repo on sys.path
+import _common as C  # noqa: N812 - also puts the repo on sys.path
 from common.cache import CHUNK_ROWS
 from stage2_student.targets import block_checksums, checksums_path, copy_damage
 
@@ -44,7 +44,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--samples", type=int, default=2000, help="byte strings per --sample-bytes size")
     p.add_argument("--sample-bytes", type=int, nargs="+", default=[4096, 20_000, 100_000])
-    args = p.parse_args()
+    C.add_common_args(p)
+    args = C.parse_args(p, {"rows": 4096, "dim": 32, "chunk_rows": 1024, "repeats": 1, "samples": 20,
+                            "sample_bytes": [4096]})
+    results = C.start("integrity checks: target-copy block checksums and sample digests", args)
     values = np.random.default_rng(0).standard_normal((args.rows, args.dim), dtype=np.float32)
     values = (values / np.linalg.norm(values, axis=1, keepdims=True)).astype(np.float16)
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,12 +63,17 @@ def main() -> None:
     print(f"{args.rows} x {args.dim} fp16 ({gb:.2f} GB), blocks of {args.chunk_rows} rows: checksums at write "
           f"{write * per_million:.3f} s per million samples ({gb / write:.1f} GB/s); check at open "
           f"{check * per_million:.3f} s per million samples ({gb / check:.1f} GB/s)")
+    results |= {"config": vars(args), "target_copy": {"write_s_per_million": write * per_million,
+                                                      "check_s_per_million": check * per_million},
+                "sample_digests": {}}
     rng = np.random.default_rng(1)
     for size in args.sample_bytes:
         blobs = [rng.bytes(size) for _ in range(args.samples)]
         seconds = median_seconds(lambda blobs=blobs: [google_crc32c.value(b) for b in blobs], args.repeats)
         print(f"sample digests of {size}-byte samples: {seconds * 1e6 / args.samples:.2f} s per million samples "
               f"({size * args.samples / seconds / 1e9:.1f} GB/s)")
+        results["sample_digests"][size] = {"s_per_million": seconds * 1e6 / args.samples}
+    C.write_json(args.json, results)
 
 
 if __name__ == "__main__":

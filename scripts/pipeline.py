@@ -43,7 +43,9 @@ def run_step(title: str, command: list, output: Path, inputs: tuple[Path, ...] =
     record = _record(output)
     done = json.loads(record.read_text()) if record.is_file() else None
     upstream = [finished_at(p) for p in inputs]
-    if done and done["command"] == command and all(t is not None and t <= done["finished"] for t in upstream):
+    # the output must still be there: a record outlives an output deleted by hand
+    if (done and output.exists() and done["command"] == command
+            and all(t is not None and t <= done["finished"] for t in upstream)):
         print(f"== {title}: done ({output}, {done['seconds']:.0f} s when run)", flush=True)
         return 0.0
     print(f"\n== {title}\n$ {shlex.join(command)}", flush=True)

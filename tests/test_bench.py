@@ -20,6 +20,7 @@ KEYS = {
     "bench_captions.py": {"runs", "image_tower_s"},
     "bench_faiss.py": {"exact", "approximate"},
     "bench_families.py": {"families"},
+    "bench_integrity.py": {"target_copy", "sample_digests"},
     "bench_grad_precision.py": {"grad_max_rel_error_per_batch", "gd_loss_max_rel_diff_over_run"},
     "bench_scale.py": {"sizes", "extrapolated_11M", "ranks", "gradient_window", "stores"},
     "bench_train.py": {"times_s", "ratios", "loader_alone_s", "loader_step_s", "target_agreement_min_cosine"},

@@ -141,7 +141,8 @@ def store_bytes(dim: int, rows: int, dtype: str, grads: bool, tmp: Path) -> dict
     from stage1_teacher.inspect import disk_bytes, integrity_lines
     index = synthetic_index(rows)
     chunk = 2048
-    attrs = {"format_version": 2, "teacher": {}, "corpus": {}, "embed_dim": dim, "teacher_logit_scale": 100.0,
+    attrs = {"format_version": 2, "teacher": {}, "corpus": {"num_samples": rows, "shards": index.shard_identities()},
+             "embed_dim": dim, "teacher_logit_scale": 100.0,
              "grad_scale": 10.24 if grads else None, "invalid_count": 0,
              "build": {"dtype": dtype, "views": 0, "chunk_rows": chunk, "grads": grads, "window_blocks": 4,
                        "grad_batch": 1024}}
@@ -154,6 +155,7 @@ def store_bytes(dim: int, rows: int, dtype: str, grads: bool, tmp: Path) -> dict
     group["image_emb"][:] = quantize(unit, dtype)
     group["text_emb"][:] = quantize(unit, dtype)
     group["valid"][:] = True
+    group["sample_crc32c"][:] = 0  # a synthetic index: no sample is read
     if grads:
         group["image_grad"][:] = unit.astype(np.float16)
         group["text_grad"][:] = unit.astype(np.float16)
@@ -199,6 +201,7 @@ def synthetic_store(spec: str, out: Path, cache_dir: str) -> dict:
             unit = rng.standard_normal((n, teacher.embed_dim)).astype(np.float32)
             group[name][start:start + n] = (unit / np.linalg.norm(unit, axis=1, keepdims=True)).astype(np.float16)
         group["valid"][start:start + n] = True
+    group["sample_crc32c"][:] = corpus.digests()  # what the build records, so reads check the real bytes
     group["blocks_done"][:] = True
     group.attrs.update({"initialized": True, "complete": True, "invalid_count": 0})
     return {"targets_bytes": 2 * corpus.num_samples * teacher.embed_dim * 2, "dim": teacher.embed_dim}

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 import _common as C  # noqa: N812 - also puts the repo on sys.path
-from common.cache import CacheStore, create_store
+from common.cache import COMPLETE_KEYS, CacheStore, content_hash, create_store
 from stage1_teacher.build import BuildOptions, build_cache
 from stage2_student.targets import TargetProvider
 from stage2_student.train import Trainer, TrainOptions
@@ -77,14 +77,19 @@ def trainers(args, data: Path, cache: Path, tmp: Path) -> dict[str, Trainer]:
 
 def big_store(real: CacheStore, rows: int, path: Path) -> CacheStore:
     """A complete store shaped like `real` with `rows` rows of random unit fp16 embeddings."""
-    group = create_store(str(path), real.attrs, C.synthetic_index(rows))
+    index = C.synthetic_index(rows)
+    corpus = {"num_samples": rows, "shards": index.shard_identities()}  # the layout follows the rows
+    attrs = {k: v for k, v in real.attrs.items() if k != "complete_hash"}  # sealed below, as a build seals
+    group = create_store(str(path), attrs | {"corpus": corpus}, index)
     rng = np.random.default_rng(0)
     for name in ("image_emb", "text_emb"):
         x = rng.standard_normal((rows, real.embed_dim), dtype=np.float32)
         group[name][...] = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(group[name].dtype)
     group["valid"][...] = True
+    group["sample_crc32c"][...] = 0  # no sample of this store is ever read
     group["blocks_done"][...] = True
     group.attrs["complete"] = True
+    group.attrs["complete_hash"] = content_hash(dict(group.attrs), COMPLETE_KEYS)
     return CacheStore(str(path))
 
 

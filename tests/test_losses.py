@@ -77,7 +77,7 @@ def student_tensors(student: StudentOutputs, fields) -> list[torch.Tensor]:
 def test_every_loss_reads_only_what_it_declares_and_backpropagates(name, sigmoid):
     cls = LOSSES[name]
     if sigmoid and cls.teacher_needs and not cls.sigmoid_teacher:
-        pytest.skip(f"{name} refuses a sigmoid teacher (test_train_families checks the refusal)")
+        pytest.skip(f"{name} refuses a sigmoid teacher (tests/test_families.py checks the refusal)")
     student, teacher = make_batch(sigmoid=sigmoid)
     # fields the loss does not declare: optional ones dropped, required ones poisoned with NaN
     for f in dataclasses.fields(StudentOutputs):

@@ -40,14 +40,6 @@ _DISK_FULL_ADVICE = "free space there and re-run the same command"
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*: ")  # 'common.corpus.CorpusError: ...' in a traceback
 
 
-def as_disk_full(error: BaseException, path: str | Path) -> BaseException:
-    """torch.save reports a failed write (a full disk) as a RuntimeError from its zip writer
-    ('enforce fail at inline_container.cc', 'file write failed'): an ENOSPC OSError naming `path` instead."""
-    if isinstance(error, RuntimeError) and re.search(r"inline_container|write failed", str(error)):
-        return OSError(errno.ENOSPC, "No space left on device", str(path))
-    return error
-
-
 def worker_message(message: str) -> str:
     """A DataLoader worker's error arrives as 'Caught X in DataLoader worker process N.\nOriginal Traceback ...':
     keep the original exception's own text, from its unindented 'module.X: ' line to the end."""

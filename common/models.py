@@ -36,6 +36,7 @@ from open_clip.transformer import MultimodalTransformer
 import torch
 
 from common.families import ModelInfo, describe
+from common.hub_folder import CONFIG_FILE, WEIGHTS_FILE, is_hub_folder
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(CONFIG_DIR)
@@ -46,6 +47,7 @@ class ModelError(ValueError):
 
 
 HUB_SCHEMAS = ("hf-hub:", "local-dir:")
+LEGACY_RUN_WEIGHTS = "student.pt"  # a kd-train run's weights before run folders were hub folders
 
 
 def is_hub_model(name: str) -> bool:
@@ -57,10 +59,15 @@ def _resolve_hub_model(name: str) -> str:
     schema, _, where = name.partition(":")
     if schema == "local-dir":
         path = Path(where).expanduser().resolve()
-        config = path / "open_clip_config.json"
+        config = path / CONFIG_FILE
         if not config.is_file():
             raise ModelError(f"{name}: {config} does not exist; a local-dir: model is a folder in open_clip's hub "
                              f"layout (open_clip_config.json with model_cfg and preprocess_cfg, and its weights)")
+        if (path / LEGACY_RUN_WEIGHTS).is_file() and not is_hub_folder(path):
+            raise ModelError(f"{name}: a kd-train run written before run folders became open_clip hub folders "
+                             f"(student.pt and a bare model config): give the student's model name as the model "
+                             f"and {path / LEGACY_RUN_WEIGHTS} as its checkpoint (--checkpoint / --pretrained / "
+                             f"--init)")
         name = f"local-dir:{path}"
     try:
         config = open_clip.get_model_config(name)
@@ -102,6 +109,11 @@ def model_config(name: str) -> dict:
     return open_clip.get_model_config(resolve_model_name(name))
 
 
+def looks_like_a_file(pretrained: str) -> bool:
+    """A --pretrained value that names a file (a path, or a checkpoint's suffix), not an open_clip tag."""
+    return "/" in str(pretrained) or Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors", ".npz")
+
+
 def tag_wants_quick_gelu(name: str, pretrained: str | None) -> bool:
     """A pretrained tag trained with QuickGELU (OpenAI's) on a config without it: build it with QuickGELU."""
     if not pretrained or is_hub_model(name) or Path(pretrained).exists():
@@ -130,9 +142,14 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 def load_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
     """Load a local checkpoint (plain state_dict or {'state_dict': ...}) strictly, weights_only=True."""
     path = Path(checkpoint)
+    if path.is_dir() or (not path.exists() and is_hub_folder(path.parent)):
+        folder = path if path.is_dir() else path.parent
+        raise ModelError(f"checkpoint {path} {'is a folder' if path.is_dir() else 'does not exist'}: {folder} is an "
+                         f"open_clip hub folder (kd-train runs are, since their student.pt became "
+                         f"{WEIGHTS_FILE}): give the model as local-dir:{folder}, without a checkpoint")
     if not path.is_file():
         raise ModelError(f"checkpoint {path} does not exist")
-    not_a_checkpoint = ModelError(f"{path} is not a torch checkpoint of tensors (a state_dict or "
+    not_a_checkpoint = ModelError(f"{path} is not a checkpoint of tensors (safetensors, or a state_dict or "
                                   f"{{'state_dict': ...}} written by torch.save): check the path")
     try:
         open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
@@ -254,7 +271,7 @@ def _open_clip_model(name: str, pretrained: str | None) -> torch.nn.Module:
         except RuntimeError as e:
             raise ModelError(f"the weights of {pretrained} do not fit {name}: {str(e).splitlines()[0]} — give the "
                              f"hub model itself as the model, or a checkpoint of {name}") from e
-    elif pretrained and not Path(pretrained).exists():
+    elif pretrained and not Path(pretrained).exists() and not looks_like_a_file(pretrained):
         # an open_clip tag: open_clip resolves (and may download) it
         try:
             model = open_clip.create_model(name, pretrained=pretrained, device="cpu", weights_only=True,
@@ -335,7 +352,7 @@ def clip_from_provenance(provenance: dict, pretrained: str | None = None, device
         path = config_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.json"
         path.write_text(json.dumps(config))
         name = resolve_model_name(str(path))
-    if weights and not Path(weights).exists() and Path(weights).suffix in (".pt", ".pth", ".bin", ".safetensors"):
+    if weights and not Path(weights).exists() and looks_like_a_file(weights):
         raise ModelError(f"the teacher's weights {weights} (recorded in the cache) are not there: pass the "
                          f"checkpoint's new path with --teacher-pretrained")
     teacher = create_clip(name, weights, device=device)

@@ -11,9 +11,11 @@ the local cache directory (`$KD_CACHE_DIR`, default ~/.cache/clip-kd) and reads 
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
+import re
 import posixpath
 import shlex
 import shutil
@@ -256,3 +258,28 @@ def remove_tree(url: str) -> None:
             fs.rm(path, recursive=True)
     else:
         shutil.rmtree(local_path(url), ignore_errors=True)
+
+
+def as_disk_full(error: BaseException, path: str | Path) -> BaseException:
+    """torch.save reports a failed write (a full disk) as a RuntimeError from its zip writer
+    ('enforce fail at inline_container.cc', 'file write failed'), safetensors as a SafetensorError naming the OS
+    error: an ENOSPC OSError naming `path` instead."""
+    if not isinstance(error, OSError) and re.search(r"inline_container|write failed|No space left on device|"
+                                                    r"StorageFull", str(error)):
+        return OSError(errno.ENOSPC, "No space left on device", str(path))
+    return error
+
+
+def atomic_write(path: Path, write) -> None:
+    """`write(tmp_path)`, then rename onto `path`: `path` is never half-written, and a failed write leaves no
+    temporary file (a full disk is reported as one, naming `path`)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        full = as_disk_full(e, path)
+        if full is e:
+            raise
+        raise full from e
+    os.replace(tmp, path)

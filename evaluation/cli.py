@@ -12,11 +12,12 @@ from common.cache import MAIN_TEACHER, CacheStore
 from common.corpus import ON_ERROR_CHOICES, Corpus
 from common.errors import (NON_NEGATIVE, POSITIVE, DataPatternGroup, check_device, reported_errors,
                            run_reporting_errors)
+from common.model_card import record_eval
 from common.models import create_clip, is_hub_model
 from evaluation.retrieval import retrieval_metrics, without_aliases
 from evaluation.zeroshot import format_table, read_classnames, result_json, templates_for, zeroshot_metrics
-from evaluation.compare import (RANDOM_INIT, RETRIEVAL_TASK, ZEROSHOT_TASK, Entry, ZeroshotTask, compare,
-                                markdown_table, write_figure)
+from evaluation.compare import (RETRIEVAL_TASK, ZEROSHOT_TASK, Entry, ZeroshotTask, compare,
+                                markdown_table, weights_label, write_figure)
 from evaluation.encode import cache_split, encode_classifier, encode_split
 from evaluation.layout import classnames_file, shard_spec
 
@@ -49,8 +50,9 @@ def model_options(fn):
     for option in reversed([
         click.option("--model", default=None, help="open_clip model name, model config JSON, or hub model "
                                                    "(hf-hub:ORG/REPO, local-dir:PATH)"),
-        click.option("--checkpoint", type=EXISTING_FILE, default=None,
-                     help="local weights (state_dict or {'state_dict': ...}, e.g. a kd-train student.pt)"),
+        click.option("--checkpoint", type=click.Path(), default=None,
+                     help="local weights of --model (safetensors, or a torch state_dict); a kd-train run folder "
+                          "needs none: give --model local-dir:RUN"),
         click.option("--random-weights", is_flag=True,
                      help="evaluate the randomly initialised model (a chance-level baseline) instead of --checkpoint"),
         click.option("--data", required=True, help="shards (brace pattern, directory, or '::'-separated list; "
@@ -61,6 +63,9 @@ def model_options(fn):
         click.option("--on-error", type=click.Choice(ON_ERROR_CHOICES), default="raise", show_default=True,
                      help="skip: drop undecodable samples (counted) instead of stopping"),
         click.option("--output", type=click.Path(dir_okay=False), default=None, help="result JSON to write"),
+        click.option("--update-card", type=click.Path(exists=True, file_okay=False), default=None,
+                     help="kd-train run folder whose model card (README.md) gets this result; the model must be "
+                          "that run's student (--model local-dir:RUN)"),
     ]):
         fn = option(fn)
     return fn
@@ -84,10 +89,18 @@ def main(verbose: bool):
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(name)s: %(message)s")
 
 
+def updated_card(update_card: str | None, result: dict, clip) -> dict:
+    """The result, recorded in the run's model card when --update-card names one."""
+    if update_card:
+        click.echo(f"wrote {record_eval(Path(update_card), result, clip.fingerprint)}")
+    return result
+
+
 def evaluate_retrieval(model, checkpoint, cache, data, k, index, batch_size, device, workers, on_error,
-                       first_caption, cache_teacher=MAIN_TEACHER) -> dict:
+                       first_caption, update_card=None, cache_teacher=MAIN_TEACHER) -> dict:
     """Retrieval result JSON of a model (every caption, or the first) or of a cache's stored embeddings."""
     corpus = Corpus.open(shard_spec(data), on_error=on_error)
+    clip = None
     if cache:
         store = CacheStore(cache, cache_teacher)
         split = cache_split(store, corpus, on_error)
@@ -98,7 +111,8 @@ def evaluate_retrieval(model, checkpoint, cache, data, k, index, batch_size, dev
         pretrained = checkpoint
     click.echo(f"{data}: {split.summary()}")
     metrics = retrieval_metrics(split.image_emb, split.text_emb, split.text_to_image, k, index)
-    return result_json(data, model, pretrained or RANDOM_INIT, RETRIEVAL_TASK, metrics)
+    result = result_json(data, model, pretrained or weights_label(model, None), RETRIEVAL_TASK, metrics)
+    return updated_card(update_card, result, clip)
 
 
 @main.command()
@@ -116,6 +130,8 @@ def retrieval(output, **kwargs):
     """Image->text and text->image recall@k on a split, every caption of a sample counting as a positive."""
     if kwargs["cache"] and kwargs["checkpoint"]:
         raise click.UsageError("--checkpoint and --cache exclude each other: a cache holds its teacher's embeddings")
+    if kwargs["cache"] and kwargs["update_card"]:
+        raise click.UsageError("--update-card records a run's student: a --cache holds its teacher's embeddings")
     if not kwargs["cache"] and not kwargs["model"]:
         raise click.UsageError("give --model (with --checkpoint), or --cache")
     require_weights(kwargs)
@@ -126,7 +142,7 @@ def retrieval(output, **kwargs):
 
 
 def evaluate_zeroshot(model, checkpoint, data, classnames, templates, batch_size, device, workers,
-                      on_error) -> dict:
+                      on_error, update_card=None) -> dict:
     """Zero-shot classification result JSON: images against per-class mean prompt embeddings; it records the
     templates used and their source."""
     classnames = classnames_file(data, classnames)
@@ -137,7 +153,8 @@ def evaluate_zeroshot(model, checkpoint, data, classnames, templates, batch_size
     click.echo(f"{data}: {split.summary()}, {len(names)} classes from {classnames}, {prompts.describe()}")
     metrics = zeroshot_metrics(split.image_emb, split.require_labels(),
                                encode_classifier(clip, names, prompts.templates, batch_size))
-    return result_json(data, model, checkpoint or RANDOM_INIT, ZEROSHOT_TASK, metrics) | prompts.as_json()
+    result = result_json(data, model, weights_label(model, checkpoint), ZEROSHOT_TASK, metrics) | prompts.as_json()
+    return updated_card(update_card, result, clip)
 
 
 @main.command()

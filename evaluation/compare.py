@@ -14,7 +14,7 @@ import numpy as np
 
 from evaluation.alignment import alignment_metrics
 from common.corpus import Corpus
-from common.models import HUB_SCHEMAS, create_clip
+from common.models import HUB_SCHEMAS, create_clip, is_hub_model
 from evaluation.retrieval import retrieval_metrics
 from evaluation.zeroshot import PromptTemplates, as_percent, result_json, zeroshot_metrics
 from evaluation.encode import EncodedSplit, encode_classifier, encode_split
@@ -22,6 +22,11 @@ from evaluation.layout import shard_spec
 
 RETRIEVAL_TASK, ZEROSHOT_TASK = "zeroshot_retrieval", "zeroshot_classification"
 RANDOM_INIT = "random-init"  # the `pretrained` reported for a model evaluated without weights
+
+
+def weights_label(model: str, checkpoint: str | None) -> str:
+    """The `pretrained` a result reports: the checkpoint, a hub model's own weights (its name), or random-init."""
+    return checkpoint or (model if is_hub_model(model) else RANDOM_INIT)
 ALIGNMENT_COLUMNS = ("image_cosine", "text_cosine", "image_cka", "text_cka")
 VS_BASELINE = "vs baseline"
 ZEROSHOT_COLUMNS = ("acc1", "acc5")
@@ -125,7 +130,7 @@ def evaluate_entry(entry: Entry, data: Corpus, zeroshot: tuple[Corpus, ZeroshotT
     """Load one entry, encode each split once, and score retrieval (and zero-shot)."""
     clip = create_clip(entry.model, entry.checkpoint, device=device)
     split = encode_split(clip, data, batch_size, workers)
-    pretrained = entry.checkpoint or RANDOM_INIT
+    pretrained = weights_label(entry.model, entry.checkpoint)
     evaluated = Evaluated(entry, split)
     evaluated.results[RETRIEVAL_TASK] = result_json(
         data.spec, entry.name, pretrained, RETRIEVAL_TASK,

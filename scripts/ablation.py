@@ -44,7 +44,7 @@ def evaluate(runs: dict[str, Path], teacher_ckpt: Path, corpus: Path, out: Path,
              other_models: tuple[str, ...] = (), student: str = STUDENT) -> dict:
     """One `kd-eval compare` over the teacher, `other_models` (NAME=CONFIG:CKPT) and every run (each model
     encoded once): retrieval on val, zero-shot acc1, and each student's alignment (linear CKA) to the teacher."""
-    entries = [f"teacher={TEACHER}:{teacher_ckpt}", *other_models] + [f"{name}={student}:{run / 'student.pt'}"
+    entries = [f"teacher={TEACHER}:{teacher_ckpt}", *other_models] + [f"{name}=local-dir:{run}"
                                                                        for name, run in runs.items()]
     report = out / "compare.json"
     run_step("evaluation of all runs", cli("kd-eval") + [
@@ -84,7 +84,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"no teacher cache at {cache}: run `python scripts/demo.py --out {args.demo_out}` first")
     epochs = args.epochs or s["student_epochs"]
     results, runs = train_rows(ROWS, args, student_data(corpus, s), epochs, cache, args.student)
-    metrics = evaluate(runs, args.demo_out / "teacher" / "student.pt", corpus, args.out, args.device,
+    metrics = evaluate(runs, args.demo_out / "teacher" / "open_clip_model.safetensors", corpus, args.out, args.device,
                        student=args.student)
     attach_metrics(results, metrics)
     write_report(args.out, results, metrics["teacher"], len(args.seeds), epochs, student=args.student)

@@ -51,7 +51,7 @@ def main(argv=None) -> None:
         "--data", corpus / "train", "--student", TEACHER, "--losses", "task", "--out", teacher_run,
         "--epochs", s["teacher_epochs"], *common_train], teacher_run, inputs=(corpus,))
     total += run_step("3/6 teacher cache over the students' split", cli("kd-cache") + [
-        "build", "--teacher", TEACHER, "--pretrained", teacher_run / "student.pt", "--data", student_data,
+        "build", "--teacher", f"local-dir:{teacher_run}", "--data", student_data,
         "--out", cache, "--batch-size", 256, "--grad-batch", 128, "--device", args.device,
         "--workers", args.workers], cache, inputs=(teacher_run,))
     runs = {"baseline": ("task", None), "distilled": (KD_LOSSES, cache)}
@@ -63,9 +63,9 @@ def main(argv=None) -> None:
     total += run_step("6/6 evaluation", cli("kd-eval") + [
         "compare", "--data", corpus / "val", "--zeroshot-data", corpus / "zeroshot",
         "--classnames", corpus / "zeroshot" / "classnames.txt",
-        "--entry", f"teacher={TEACHER}:{teacher_run / 'student.pt'}",
-        "--entry", f"baseline={STUDENT}:{out / 'baseline' / 'student.pt'}",
-        "--entry", f"distilled={STUDENT}:{out / 'distilled' / 'student.pt'}",
+        "--entry", f"teacher=local-dir:{teacher_run}",  # every run folder is an open_clip hub folder
+        "--entry", f"baseline=local-dir:{out / 'baseline'}",
+        "--entry", f"distilled=local-dir:{out / 'distilled'}",
         "--teacher-entry", "teacher", "--baseline-entry", "baseline",
         "--markdown", out / "results.md", "--figure", out / "results.png",
         "--output", out / "results.json", "--device", args.device],

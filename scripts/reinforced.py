@@ -72,7 +72,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     s, out = sizes(1.0), args.out
-    corpus, teacher_main = args.demo_out / "corpus", args.demo_out / "teacher" / "student.pt"
+    corpus, teacher_main = args.demo_out / "corpus", args.demo_out / "teacher" / "open_clip_model.safetensors"
     if not teacher_main.exists():
         raise SystemExit(f"no demo teacher at {teacher_main}: run `python scripts/demo.py --out {args.demo_out}`")
     device = ["--device", args.device]
@@ -81,7 +81,7 @@ def main(argv=None) -> None:
         run_step("teacher b", cli("kd-train") + [
             "--data", corpus / "train", "--student", TEACHER_B, "--losses", "task", "--out", out / "teacher_b",
             "--epochs", s["teacher_epochs"], "--seed", 1, *COMMON_TRAIN, *device], out / "teacher_b")
-        teacher_b = out / "teacher_b" / "student.pt"
+        teacher_b = out / "teacher_b" / "open_clip_model.safetensors"
     captioner = args.captioner
     data = student_data(corpus, s)
     store = out / "reinforced.zarr"
@@ -99,7 +99,7 @@ def main(argv=None) -> None:
             "--data", corpus / "train", "--student", CAPTIONER, "--losses", "task,caption",
             "--out", out / "captioner", "--steps", 450, "--batch-size", 64, "--lr", "1e-3", "--warmup", 30,
             "--workers", 1, "--log-every", 20, *device], out / "captioner")
-        captioner = out / "captioner" / "student.pt"
+        captioner = out / "captioner" / "open_clip_model.safetensors"
     run_step("store: synthetic captions", cli("kd-cache") + [
         "captions", store, "--data", data, "--captioner", CAPTIONER, "--pretrained", captioner,
         "--per-image", CAPTIONS_PER_IMAGE, "--seq-len", CAPTION_TOKENS, "--batch-size", 128, *device], out / "captions_added", inputs=(out / "teacher_b_added",))

@@ -26,7 +26,7 @@ def check_losses(ctx, param, value: str) -> str:
 
 @click.command(cls=DataPatternCommand)
 @click.option("--data", required=True, help="training shards (brace pattern, directory or '::' list)")
-@click.option("--out", required=True, type=click.Path(), help="run directory: student.pt, resume.pt, metrics.jsonl")
+@click.option("--out", required=True, type=click.Path(), help="run folder: an open_clip hub folder (load it as local-dir:OUT), its model card, resume.pt, metrics.jsonl")
 @click.option("--student", required=True, help="open_clip model name, model config JSON, or hub model (hf-hub:ORG/REPO, local-dir:PATH: its weights are the start)")
 @click.option("--cache", default=None, type=click.Path(), help="teacher cache built by `kd-cache build`")
 @click.option("--losses", default=DEFAULT_LOSSES, show_default=True, callback=check_losses,
@@ -70,6 +70,11 @@ def check_losses(ctx, param, value: str) -> str:
 @click.option("--target-memory-gb", default=None, type=POSITIVE_FLOAT,
               help="memory for cached targets per node, shared by its ranks: larger targets are read chunk-aware "
                    "instead of held whole (default: half the RAM)")
+@click.option("--report-to", default=None,
+              help="also log the metrics to tensorboard (event files in --out/tensorboard) and/or wandb: "
+                   "tensorboard,wandb (each an extra: pip install 'clip-kd-cache[tensorboard,wandb]')")
+@click.option("--wandb-project-name", default="clip-kd", show_default=True, help="the W&B project")
+@click.option("--name", default=None, help="the W&B run's name [default: the --out folder's name]")
 @click.option("-v", "--verbose", "--debug", "verbose", is_flag=True, help="debug log, with error tracebacks")
 def main(verbose: bool, **kwargs):
     """Train a CLIP student against a teacher cache (live teacher as fallback)."""

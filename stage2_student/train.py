@@ -12,7 +12,9 @@ import os
 import random
 import re
 import signal
+import shutil
 import time
+import uuid
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,12 +27,16 @@ from tqdm import tqdm
 from common import dist
 from common.cache import CAPTIONS, MAIN_TEACHER, CacheError, CacheStore, join_to_cache
 from common.corpus import Corpus
-from common.errors import Interrupted, NonFiniteError, as_disk_full
+from common.errors import Interrupted, NonFiniteError
+from common.hub_folder import HUB_FILES, TOKENIZER_FILES, WEIGHTS_FILE, save_config, save_tokenizer, save_weights
 from common.lock import output_lock
-from common.storage import cache_dir
-from common.models import LoadedCLIP, clip_from_provenance, create_clip, model_config, named_weights
+from common.storage import atomic_write, cache_dir
+from common.model_card import CARD_FILE, EVAL_RESULTS_FILE, PROVENANCE_FILE, write_model_card
+from common.models import (LEGACY_RUN_WEIGHTS, LoadedCLIP, clip_from_provenance, create_clip, model_config,
+                           named_weights, weights_fingerprint)
 from stage2_student.data import CaptionPolicy, Renderer, TrainBatches, ViewPolicy, shuffled_rows
 from stage2_student.losses import LossSet, loss_classes, teacher_needs_of
+from stage2_student.reporting import TENSORBOARD_DIR, Reporters, parse_report_to
 from stage2_student.student import Student, check_models_serve_losses, loss_dims
 from stage2_student.targets import TargetProvider, uncacheable
 
@@ -39,7 +45,10 @@ DEFAULT_LOSSES = "task,fd,icl,crd"  # CLIP-KD: task + FD (2000) + ICL (1) + CRD 
 # pooled StudentOutputs / TeacherTargets fields: computed per rank, gathered into the global batch
 _POOLED_STUDENT = ("image_emb", "text_emb", "masked_image_emb")  # projected per teacher after the gather
 _POOLED_TEACHER = ("image_emb", "text_emb", "image_grad", "text_grad")
-RUN_FILES = ("student.pt", "resume.pt", "metrics.jsonl", "options.json", "open_clip_config.json", "lost_samples.json")
+# what a run writes (and --overwrite removes): the open_clip hub folder, its card, and what resumes and records it;
+# student.pt is the weights file of runs written before the hub layout (removed at a resumed run's first save)
+RUN_FILES = (*HUB_FILES, *TOKENIZER_FILES, CARD_FILE, PROVENANCE_FILE, EVAL_RESULTS_FILE, "resume.pt",
+             "metrics.jsonl", "options.json", "lost_samples.json", LEGACY_RUN_WEIGHTS)
 MAX_WARMUP_FRACTION = 0.1  # a longer warm-up would spend the run at a near-zero learning rate
 # options compared on --resume (with the world size, the resolved precision and the live teachers' weights)
 TRAJECTORY_OPTIONS = ("data", "student", "cache", "losses", "teacher_targets", "teacher", "teachers",
@@ -47,7 +56,7 @@ TRAJECTORY_OPTIONS = ("data", "student", "cache", "losses", "teacher_targets", "
                       "augment", "batching", "seed", "shuffle_buffer", "init")
 # options a --resume may change: they do not change the numbers (options.json records from which step they applied)
 RESUMABLE_CHANGES = ("teacher_pretrained", "on_error", "device", "workers", "log_every", "save_every",
-                     "target_memory_gb")
+                     "target_memory_gb", "report_to", "wandb_project_name", "name")
 
 
 @dataclass
@@ -83,6 +92,9 @@ class TrainOptions:
     overwrite: bool = False
     init: str | None = None
     target_memory_gb: float | None = None  # cached targets above this are read chunk-aware (default: half the RAM)
+    report_to: str | None = None  # tensorboard,wandb (open_clip_train's names)
+    wandb_project_name: str = "clip-kd"
+    name: str | None = None  # the W&B run's name (default: the --out folder's name)
 
     def check(self) -> None:
         if self.batching not in ("shuffle", "cache"):
@@ -93,6 +105,7 @@ class TrainOptions:
             raise ValueError("--batch-size must be >= 2: contrastive losses need negatives")
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --out, --overwrite replaces it: give one of them")
+        parse_report_to(self.report_to)
 
 
 def option_name(field: str) -> str:
@@ -164,17 +177,6 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((np_state[0], np.array(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
 
 
-def atomic_save(obj, path: Path) -> None:
-    """Write, then rename: `path` is never half-written, and a failed write leaves no temporary file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        torch.save(obj, tmp)
-    except (OSError, RuntimeError) as e:
-        tmp.unlink(missing_ok=True)
-        raise as_disk_full(e, path) from e
-    os.replace(tmp, path)
-
-
 def capped_warmup(warmup: int, total_steps: int) -> int:
     cap = max(1, int(MAX_WARMUP_FRACTION * total_steps))
     if warmup > cap:
@@ -205,6 +207,7 @@ def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
                          f"--resume continues a run, --overwrite replaces it, or choose another --out")
     for name in RUN_FILES:  # only this tool's files: --overwrite never deletes what it did not write
         (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)  # the replaced run's curves
 
 
 class StopSignals:
@@ -489,15 +492,40 @@ class Trainer:
         if self.rank != 0:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        atomic_save({"state_dict": state}, self.out / "student.pt")
-        atomic_save({
+        save_weights(state, self.out / WEIGHTS_FILE)
+        resume = {
             "step": self.step, "epoch": epoch, "step_in_epoch": step_in_epoch,
             "student": self.student.state_dict(), "losses": self.loss_set.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(), "options": json.dumps(self.resume_options()),
             "target_counts": {name: [p.cache_hits, p.live_batches] for name, p in self.targets.items()},
             "skipped_samples": self.skipped_samples,
-        }, self.out / "resume.pt")
+        }
+        atomic_write(self.out / "resume.pt", lambda tmp: torch.save(resume, tmp))
+        if (self.out / LEGACY_RUN_WEIGHTS).exists():
+            log.info("removed %s: the run folder is now an open_clip hub folder (%s)", self.out / LEGACY_RUN_WEIGHTS,
+                     WEIGHTS_FILE)
+            (self.out / LEGACY_RUN_WEIGHTS).unlink()
+        self.write_provenance(state)
+        write_model_card(self.out)
+
+    def write_provenance(self, state: dict) -> None:
+        """provenance.json (what the model card shows): the student as saved, its teachers, store and data."""
+        teachers = ({name: store.attrs["teacher"] for name, store in self.stores.items()} if self.cache
+                    else {name: t.provenance() for name, t in self.teachers.items()})
+        provenance = {
+            "student": {"model": self.student_clip.name, "init": self.opts.init, "step": self.step,
+                        "parameters": sum(t.numel() for t in state.values()),
+                        "fingerprint": weights_fingerprint(self.student.clip)},
+            "teachers": {name: {k: t.get(k) for k in ("model", "pretrained", "fingerprint", "open_clip_version")}
+                         for name, t in teachers.items()},
+            "store": {"url": self.opts.cache, "content_hash": self.cache.attrs["content_hash"],
+                      "rows": self.cache.num_rows} if self.cache else None,
+            "data": {"spec": self.opts.data, "shards": len(self.corpus.index.urls),
+                     "samples": self.corpus.num_samples},
+            "total_steps": self.total_steps,
+        }
+        (self.out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
 
     def resume_options(self) -> dict:
         """What must not change across --resume: every option that shapes the run's numbers (the others, in
@@ -539,15 +567,16 @@ class Trainer:
             samples = (self.step - first_step) * self.opts.batch_size
             if self.rank == 0:
                 lost = self.corpus.lost
-                log.info("wrote %s (student.pt, open_clip_config.json, resume.pt, metrics.jsonl): steps %d-%d, "
-                         "%d samples in %.1f s (%.1f samples/s)%s", self.out, first_step + 1, self.step, samples,
+                log.info("wrote %s (open_clip hub folder: local-dir:%s; resume.pt, metrics.jsonl): steps %d-%d, "
+                         "%d samples in %.1f s (%.1f samples/s)%s", self.out, self.out, first_step + 1, self.step, samples,
                          seconds, samples / seconds if seconds else 0.0,
                          f"; {len(lost)} damaged shard(s) lost their samples after the damage, "
                          f"{self.skipped_samples} unreadable sample(s) skipped (lost_samples.json)" if lost else "")
         return last
 
     def start_files(self) -> Path:
-        """metrics.jsonl (without steps a resumed run redoes), options.json and the student's open_clip config."""
+        """metrics.jsonl (without steps a resumed run redoes), options.json, and the student's open_clip config
+        and tokenizer (the hub folder's files that do not change while it trains)."""
         metrics_path = self.out / "metrics.jsonl"
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -555,8 +584,8 @@ class Trainer:
                                       metrics_path.exists() else []) if json.loads(line)["step"] <= self.step]
             metrics_path.write_text("".join(line + "\n" for line in kept))  # drop steps redone after a crash
             (self.out / "options.json").write_text(json.dumps(self.recorded_options(), indent=2))
-            # plain open_clip loads student.pt with this: add_model_config(it), then create_model(its stem)
-            (self.out / "open_clip_config.json").write_text(json.dumps(self.student_clip.config, indent=2))
+            save_config(self.student.clip, self.student_clip.config, self.out)
+            save_tokenizer(self.student_clip.tokenizer, self.out)
             lost_path = self.out / "lost_samples.json"
             if self.corpus.lost:
                 lost_path.write_text(json.dumps(self.corpus.lost, indent=2))
@@ -570,8 +599,9 @@ class Trainer:
         options = asdict(self.opts) | {"warmup_steps": self.warmup}
         path = self.out / "options.json"
         if not (self.opts.resume and path.is_file()):
-            return options
+            return options | {"run_id": uuid.uuid4().hex[:12]}  # names the run for W&B across its resumes
         recorded = json.loads(path.read_text())
+        recorded.setdefault("run_id", uuid.uuid4().hex[:12])  # a run started before it was recorded
         in_effect = recorded.copy()
         for change in recorded.get("changes", []):
             in_effect.update(change)
@@ -579,6 +609,13 @@ class Trainer:
         if changed:
             recorded["changes"] = [*recorded.get("changes", []), {"from_step": self.step + 1, **changed}]
         return recorded
+
+    def reporters(self):
+        """--report-to's reporters, on rank 0 (the others report nothing)."""
+        names = parse_report_to(self.opts.report_to) if self.rank == 0 else ()
+        options = json.loads((self.out / "options.json").read_text()) if names else {"run_id": None}
+        return Reporters(names, self.out, self.opts.name or self.out.resolve().name, self.opts.wandb_project_name,
+                         options["run_id"], options, self.step)
 
     def loop(self, signals: StopSignals) -> dict:
         epoch, start = self.load_resume() if self.opts.resume else (0, 0)
@@ -593,7 +630,7 @@ class Trainer:
         window_start, window_samples = time.perf_counter(), 0
         # closed on an error too, so that the error starts on its own line
         with tqdm(total=self.total_steps, initial=self.step, unit="step", disable=self.rank != 0,
-                  dynamic_ncols=True) as bar:
+                  dynamic_ncols=True) as bar, self.reporters() as reporters:
             while self.step < self.total_steps:
                 for batch in self.loader(epoch, start):
                     for skipped in batch["skipped"]:
@@ -619,6 +656,7 @@ class Trainer:
                         if self.rank == 0:
                             with metrics_path.open("a") as f:
                                 f.write(json.dumps(last) + "\n")
+                            reporters.log(last)
                     if self.step % self.opts.save_every == 0:
                         self.save(epoch, start)
                     if dist.any_rank(signals.received is not None, self.device):

@@ -8,6 +8,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from safetensors.torch import load_file
 from open_clip.loss import SigLipLoss
 
 from common.cache import CacheStore, dequantize
@@ -90,7 +91,7 @@ def test_input_patch_masking_keeps_a_quarter_of_the_cells():
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_each_family_as_student_trains_with_every_loss_it_can_serve(name, synth_corpus, vit_store, tmp_path):
     """Cached and live targets (tokenfd / dlip need the live teacher), one step, every loss term finite, and the
-    run's student.pt loads into plain open_clip and gives kd-train's own embeddings."""
+    run's open_clip_model.safetensors loads into plain open_clip and gives kd-train's own embeddings."""
     losses = [n for n in ALL_LOSSES if name in ATTENTION_FAMILIES or n != "dlip_attn"]
     trainer = train(synth_corpus, tmp_path / "run", student=name, cache=vit_store, losses=",".join(losses))
     last = trainer.run()
@@ -98,11 +99,11 @@ def test_each_family_as_student_trains_with_every_loss_it_can_serve(name, synth_
     if name == "kd-test-sigmoid":
         assert trainer.student.clip.logit_bias.item() != -10.0  # the sigmoid task loss moved the bias
     plain = open_clip.create_model(name)
-    plain.load_state_dict(torch.load(tmp_path / "run" / "student.pt", weights_only=True)["state_dict"])
+    plain.load_state_dict(load_file(tmp_path / "run" / "open_clip_model.safetensors"))
     images = torch.randn(2, 3, *image_size(plain))
     with torch.no_grad():
         torch.testing.assert_close(plain.eval().encode_image(images), trainer.student.clip.eval().encode_image(images))
-    result = evaluate_retrieval(name, str(tmp_path / "run" / "student.pt"), None, str(synth_corpus / "val"), (1, 5),
+    result = evaluate_retrieval(f"local-dir:{tmp_path / 'run'}", None, None, str(synth_corpus / "val"), (1, 5),
                                 "flat", 16, "cpu", 0, "raise", False)  # what kd-eval retrieval runs
     assert all(0 <= v <= 100 for v in result["metrics"].values() if isinstance(v, float))
 

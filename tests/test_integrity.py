@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from common.errors import NonFiniteError, as_disk_full, user_message
+from common.errors import NonFiniteError, user_message
+from common.storage import as_disk_full
 from common.lock import output_lock
 from common.synth import make_sample, write_shard
 from stage1_teacher.build import BuildOptions, build_cache
@@ -114,7 +116,7 @@ def test_non_finite_loss_stops_naming_step_and_terms(synth_corpus, tmp_path):
     assert "step 2: non-finite loss term(s) {'loss': nan, 'task': nan}" in result.stderr, result.stderr[-2000:]
     assert f"({out} keeps step 1)" in result.stderr
     assert torch.load(out / "resume.pt", weights_only=True)["step"] == 1
-    state = torch.load(out / "student.pt", weights_only=True)["state_dict"]
+    state = load_file(out / "open_clip_model.safetensors")
     assert all(torch.isfinite(t).all() for t in state.values())
 
 
@@ -122,13 +124,13 @@ def test_non_finite_weights_are_never_saved(synth_corpus, tmp_path):
     trainer = Trainer(TrainOptions(data=str(synth_corpus / "train"), out=str(tmp_path / "run"), student=STUDENT,
                                    losses="task", batch_size=32, steps=1, warmup=0, workers=0))
     trainer.run()
-    saved = (tmp_path / "run" / "student.pt").read_bytes()
+    saved = (tmp_path / "run" / "open_clip_model.safetensors").read_bytes()
     with torch.no_grad():
         trainer.student.clip.text_projection[0, 0] = float("inf")
     trainer.step += 1
     with pytest.raises(NonFiniteError, match=r"step 2: non-finite student weights .*text_projection"):
         trainer.save(0, 2)
-    assert (tmp_path / "run" / "student.pt").read_bytes() == saved
+    assert (tmp_path / "run" / "open_clip_model.safetensors").read_bytes() == saved
 
 
 def lock_holder(out: Path) -> subprocess.Popen:
@@ -192,8 +194,8 @@ def test_disk_full_errors_are_one_line_naming_the_path():
                                                             "space there and re-run the same command")
     with pytest.raises(RuntimeError) as saved:
         torch.save({"x": torch.zeros(10_000)}, "/dev/full")
-    message = user_message(as_disk_full(saved.value, "runs/x/student.pt"))
-    assert message == ("no space left on the device writing runs/x/student.pt: free space there and re-run the "
+    message = user_message(as_disk_full(saved.value, "runs/x/resume.pt"))
+    assert message == ("no space left on the device writing runs/x/resume.pt: free space there and re-run the "
                        "same command")
 
 
@@ -209,11 +211,11 @@ def tiny_disk(tmp_path):
 
 
 def test_full_disk_during_checkpoint_and_build_is_one_line_without_leftovers(synth_corpus, cache, tiny_disk):
-    run = tiny_disk / "run"  # student.pt (several MB) cannot fit
+    run = tiny_disk / "run"  # open_clip_model.safetensors (several MB) cannot fit
     result = cli("stage2_student.cli", "--out", run, *train_args(synth_corpus, "--losses", "task", "--steps", 1),
                  check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert f"no space left on the device writing {run / 'student.pt'}: free space" in result.stderr
+    assert f"no space left on the device writing {run / 'open_clip_model.safetensors'}: free space" in result.stderr
     assert not list(run.glob("*.tmp"))
     verbose = cli("stage2_student.cli", "-v", "--out", tiny_disk / "run2",
                   *train_args(synth_corpus, "--losses", "task", "--steps", 1), check=False)

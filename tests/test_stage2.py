@@ -13,6 +13,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from safetensors.torch import load_file
 import zarr
 
 from common.cache import CacheError
@@ -152,7 +153,7 @@ def test_mfd_student_sees_only_the_kept_patches(synth_corpus, cache, tmp_path):
 def test_checkpoint_loads_in_open_clip_and_baseline_needs_no_cache(synth_corpus, tmp_path):
     trainer = Trainer(options(synth_corpus, tmp_path, losses="task"))
     trainer.run()
-    model, _, _ = open_clip.create_model_and_transforms(STUDENT, pretrained=str(tmp_path / "student.pt"))
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path}")
     images = torch.randn(2, 3, 24, 24)
     trainer.student.eval()
     with torch.no_grad():
@@ -212,8 +213,8 @@ def test_two_ranks_step0_losses_equal_single_process(synth_corpus, cache, tmp_pa
         assert one[key] == pytest.approx(two[key], rel=1e-4), key
     # the gradient step agrees too. Adam's first step is ~lr * sign(g), so gradients that are ~0 up to summation
     # order may step either way: require agreement on all but a sliver of the weights.
-    a = torch.load(tmp_path / "one" / "student.pt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "two" / "student.pt", weights_only=True)["state_dict"]
+    a = load_file(tmp_path / "one" / "open_clip_model.safetensors")
+    b = load_file(tmp_path / "two" / "open_clip_model.safetensors")
     differing = sum(int(((a[k] - b[k]).abs() > 1e-5).sum()) for k in a)
     assert differing <= 1e-3 * sum(v.numel() for v in a.values())
 

@@ -53,7 +53,7 @@ def test_flipped_bytes_in_a_chunk_stop_training_naming_array_and_chunk(store, sy
     chunk.write_bytes(bytes(data))
     result = train(synth_corpus, store, tmp_path / "run")
     assert result.returncode == 1 and "array image_emb, chunk 1 (rows 32..63) is damaged" in result.stderr
-    assert "Traceback" not in result.stderr and not (tmp_path / "run" / "student.pt").exists()
+    assert "Traceback" not in result.stderr and not (tmp_path / "run" / "open_clip_model.safetensors").exists()
     with pytest.raises(CacheError, match="image_emb, chunk 1"):
         CacheStore(str(store)).load("image_emb")
 
@@ -116,7 +116,7 @@ def test_int8_store_without_gradients(synth_corpus, teacher_ckpt, pristine, tmp_
     run = cli("stage2_student.cli", "--cache", out, "--data", synth_corpus / "train", "--out", tmp_path / "run",
               "--student", STUDENT, "--losses", "task,fd,gd", "--batch-size", "32", "--steps", "1", "--workers", "0",
               "--warmup", "1")
-    assert run.returncode == 0 and (tmp_path / "run" / "student.pt").exists()
+    assert run.returncode == 0 and (tmp_path / "run" / "open_clip_model.safetensors").exists()
     refused = cli("stage2_student.cli", "--cache", out, "--data", synth_corpus / "train", "--out", tmp_path / "r2",
                   "--student", STUDENT, "--losses", "gd", "--batching", "cache", "--batch-size", "32", "--steps", "1",
                   "--workers", "0", check=False)
@@ -142,7 +142,7 @@ def test_a_damaged_index_chunk_names_store_array_and_chunk_in_every_command(stor
         assert result.returncode == 1 and said in result.stderr, result.stderr[-2000:]
         assert "rebuild the store with `kd-cache build --overwrite`" in result.stderr
         assert "Traceback" not in result.stderr
-    assert not (tmp_path / "run" / "student.pt").exists()
+    assert not (tmp_path / "run" / "open_clip_model.safetensors").exists()
 
 
 def test_edited_array_metadata_is_refused_in_every_command(store, synth_corpus, tmp_path):
@@ -155,7 +155,7 @@ def test_edited_array_metadata_is_refused_in_every_command(store, synth_corpus, 
     for result in every_command(store, synth_corpus, tmp_path / "run"):
         assert result.returncode == 1 and said in result.stderr, result.stderr[-2000:]
         assert "Traceback" not in result.stderr and "broadcast" not in result.stdout + result.stderr
-    assert not (tmp_path / "run" / "student.pt").exists()
+    assert not (tmp_path / "run" / "open_clip_model.safetensors").exists()
 
 
 def test_edited_completion_attributes_are_refused(store):

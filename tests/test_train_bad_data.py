@@ -117,7 +117,7 @@ def test_a_shard_changed_in_place_is_refused_or_skipped_against_its_store(tmp_pa
     refused = cli("stage2_student.cli", "--out", tmp_path / "raise", *args, check=False)
     assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
     assert re.search(r"shard 00001\.tar, key 0000000\d\d: its bytes changed since cache .* was built", refused.stderr)
-    assert "--on-error skip" in refused.stderr and not (tmp_path / "raise" / "student.pt").exists()
+    assert "--on-error skip" in refused.stderr and not (tmp_path / "raise" / "open_clip_model.safetensors").exists()
     cli("stage2_student.cli", "--out", tmp_path / "skip", *args, "--on-error", "skip")
     metrics = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["skipped_samples"] == 32  # the changed shard's every sample, in one epoch

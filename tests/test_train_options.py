@@ -100,7 +100,7 @@ def test_file_that_is_not_a_checkpoint_is_one_line_without_unsafe_advice(synth_c
                cli("stage1_teacher.cli", "build", "--teacher", TEACHER, "--pretrained", not_ckpt, "--data",
                    synth_corpus / "val", "--out", tmp_path / "s.zarr", check=False)]
     for result in results:
-        assert result.returncode == 1 and f"{not_ckpt} is not a torch checkpoint of tensors" in result.stderr
+        assert result.returncode == 1 and f"{not_ckpt} is not a checkpoint of tensors" in result.stderr
         assert "Traceback" not in result.stderr and "weights_only" not in result.stderr
 
 
@@ -116,10 +116,10 @@ def test_eval_needs_a_checkpoint_or_random_weights(synth_corpus):
 def test_out_is_refused_unless_resume_or_overwrite(synth_corpus, tmp_path):
     run = tmp_path / "run"
     cli("stage2_student.cli", "--out", run, *tiny_run(synth_corpus))
-    first = (run / "student.pt").read_bytes()
+    first = (run / "open_clip_model.safetensors").read_bytes()
     again = cli("stage2_student.cli", "--out", run, *tiny_run(synth_corpus, "--seed", 1), check=False)
     assert again.returncode == 1 and f"--out {run} holds a run" in again.stderr and "--overwrite" in again.stderr
-    assert (run / "student.pt").read_bytes() == first
+    assert (run / "open_clip_model.safetensors").read_bytes() == first
     unrelated = tmp_path / "photos"
     unrelated.mkdir()
     (unrelated / "holiday.jpg").write_bytes(b"mine")
@@ -129,7 +129,7 @@ def test_out_is_refused_unless_resume_or_overwrite(synth_corpus, tmp_path):
     (run / "notes.md").write_text("kept")
     cli("stage2_student.cli", "--out", run, "--overwrite", *tiny_run(synth_corpus, "--seed", 1, "--save-every", 1000,
                                                                          "--steps", 1))
-    assert (run / "student.pt").read_bytes() != first and (run / "notes.md").read_text() == "kept"
+    assert (run / "open_clip_model.safetensors").read_bytes() != first and (run / "notes.md").read_text() == "kept"
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
     both = CliRunner().invoke(kd_train, [*tiny_run(synth_corpus), "--out", str(run), "--resume", "--overwrite"])
     assert both.exit_code == 1 and "give one of them" in both.output
@@ -151,7 +151,7 @@ def test_warmup_is_capped_to_a_tenth_of_the_run(synth_corpus, tmp_path, caplog):
 
 def test_summary_lines_of_kd_train_and_kd_cache_build(synth_corpus, tmp_path):
     trained = cli("stage2_student.cli", "--out", tmp_path / "run", *tiny_run(synth_corpus))
-    assert f"kd-train: wrote {tmp_path / 'run'} (student.pt" in trained.stderr
+    assert f"kd-train: wrote {tmp_path / 'run'} (open_clip hub folder: local-dir:" in trained.stderr
     assert "steps 1-2, 64 samples in" in trained.stderr and "samples/s)" in trained.stderr
     assert "Parsing model identifier" not in trained.stderr  # open_clip's own chatter stays quiet
     ckpt = save_random_checkpoint(TEACHER, tmp_path / "teacher.pt", seed=1)
@@ -159,28 +159,6 @@ def test_summary_lines_of_kd_train_and_kd_cache_build(synth_corpus, tmp_path):
                 synth_corpus / "val", "--out", tmp_path / "s.zarr", "--batch-size", 16, "--grad-batch", 16,
                 "--chunk-rows", 16, "--workers", 0)
     assert f"kd-cache: wrote {tmp_path / 's.zarr'}: 48 rows" in built.stderr
-
-
-def test_student_loads_with_plain_open_clip_from_its_config(synth_corpus, tmp_path):
-    """The two lines the README gives, in a process that never imports this package."""
-    run = tmp_path / "run"
-    cli("stage2_student.cli", "--out", run, *tiny_run(synth_corpus))
-    assert json.loads((run / "open_clip_config.json").read_text()) == open_clip.get_model_config(STUDENT)
-    code = ("import sys, open_clip, torch\n"
-            "open_clip.add_model_config(sys.argv[1] + '/open_clip_config.json')\n"
-            "model, _, _ = open_clip.create_model_and_transforms('open_clip_config', pretrained=sys.argv[1] + "
-            "'/student.pt')\n"
-            "torch.manual_seed(0)\n"
-            "print(model.eval().encode_image(torch.randn(2, 3, 24, 24)).sum().item())\n"
-            "assert 'common' not in sys.modules\n")
-    result = subprocess.run([sys.executable, "-c", code, str(run)], cwd=tmp_path, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-    model = open_clip.create_model(STUDENT)
-    model.load_state_dict(torch.load(run / "student.pt", weights_only=True)["state_dict"])
-    torch.manual_seed(0)
-    with torch.no_grad():
-        expected = model.eval().encode_image(torch.randn(2, 3, 24, 24)).sum().item()
-    assert float(result.stdout.strip().splitlines()[-1]) == pytest.approx(expected, rel=1e-5)
 
 
 def _long_options(command: click.Command, path: str):

@@ -17,12 +17,11 @@ import numpy as np
 import zarr
 
 from common.corpus import Corpus
+from common.defaults import CHUNK_ROWS, DTYPES, MAIN_TEACHER  # noqa: F401  (also imported from here)
 from common.index import CHECKSUM, ChunkDamage, CorpusIndex, read_index, read_rows, write_index
 from common.storage import StorageError, exists, join
 
 FORMAT_VERSION = 2
-CHUNK_ROWS = 2048
-DTYPES = {"fp16": "float16", "fp32": "float32", "int8": "int8"}
 GRAD_DTYPE = "float16"  # stored as g * grad_scale (grad_scale = grad_batch / s_t): values O(1), fp16-exact to 5e-4
 # Provenance sections that must match for a store to be resumed or used with given data / teacher.
 PROVENANCE_KEYS = ("format_version", "teacher", "corpus", "build")
@@ -35,7 +34,6 @@ COMPLETE_KEYS = CONTENT_KEYS + ("invalid_count", "invalid_examples", "corpus_err
 # Several teachers share the rows, views and gradient batches: the build's teacher ("main") has its arrays at the
 # root, each teacher added later (`kd-cache add-teacher`) the same arrays under teachers/<name>/, with its own
 # attributes overriding the root's TEACHER_ATTRS.
-MAIN_TEACHER = "main"
 TEACHERS = "teachers"
 TEACHER_ARRAYS = frozenset({"image_emb", "text_emb", "image_grad", "text_grad", "caption_text_emb", "blocks_done"})
 TEACHER_ATTRS = ("teacher", "embed_dim", "teacher_logit_scale", "teacher_logit_bias", "grad_scale")

@@ -27,11 +27,11 @@ from webdataset.tariterators import base_plus_ext
 
 from common import dist
 from common.decode import decode_sample
+from common.defaults import ON_ERROR_CHOICES
 from common.index import CorpusIndex, assemble, load_sidecar, save_sidecar, skipped_member, span_members
 from common.storage import RangeReader, StorageError, basename, list_tars, stat_many
 
 log = logging.getLogger("kd-corpus")
-ON_ERROR_CHOICES = ("raise", "skip")
 MAX_READ_BYTES = 32 << 20  # one ranged read covers consecutive samples up to this many bytes
 
 

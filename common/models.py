@@ -35,6 +35,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from open_clip.transformer import MultimodalTransformer
 import torch
 
+from common.defaults import HUB_SCHEMAS, is_hub_model  # noqa: F401  (also imported from here)
 from common.families import ModelInfo, describe
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -43,13 +44,6 @@ open_clip.add_model_config(CONFIG_DIR)
 
 class ModelError(ValueError):
     """A model name, config file or checkpoint that cannot be used, with what to do about it."""
-
-
-HUB_SCHEMAS = ("hf-hub:", "local-dir:")
-
-
-def is_hub_model(name: str) -> bool:
-    return str(name).startswith(HUB_SCHEMAS)
 
 
 def _resolve_hub_model(name: str) -> str:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from common import dist
 from common.cache import CAPTIONS, MAIN_TEACHER, CacheError, CacheStore, join_to_cache
 from common.corpus import Corpus
+from common.defaults import DEFAULT_LOSSES
 from common.errors import Interrupted, NonFiniteError, as_disk_full
 from common.lock import output_lock
 from common.storage import cache_dir
@@ -35,7 +36,6 @@ from stage2_student.student import Student, check_models_serve_losses, loss_dims
 from stage2_student.targets import TargetProvider, uncacheable
 
 log = logging.getLogger("kd-train")
-DEFAULT_LOSSES = "task,fd,icl,crd"  # CLIP-KD: task + FD (2000) + ICL (1) + CRD (1), the paper's weights
 # pooled StudentOutputs / TeacherTargets fields: computed per rank, gathered into the global batch
 _POOLED_STUDENT = ("image_emb", "text_emb", "masked_image_emb")  # projected per teacher after the gather
 _POOLED_TEACHER = ("image_emb", "text_emb", "image_grad", "text_grad")

@@ -70,6 +70,18 @@ def expand_spec(spec: str | Sequence[str]) -> list[str]:
     return urls
 
 
+def as_spec(urls: Sequence[str]) -> str:
+    """A --data value naming `urls` (expand_spec's inverse): a brace pattern when they are one folder's shards
+    numbered in a row at one width (`d/{00000..00003}.tar`), else the '::'-separated list."""
+    found = [re.fullmatch(r"(.*/)?(\d+)\.tar", url) for url in urls]
+    if len(urls) > 1 and all(found):
+        numbers = [int(m.group(2)) for m in found]
+        if (len({m.group(1) for m in found}) == 1 and len({len(m.group(2)) for m in found}) == 1
+                and numbers == list(range(numbers[0], numbers[0] + len(numbers)))):
+            return f"{found[0].group(1) or ''}{{{found[0].group(2)}..{found[-1].group(2)}}}.tar"
+    return "::".join(urls)
+
+
 @dataclass
 class Sample:
     """A decoded sample and its identity (row in the corpus, shard, index in shard, __key__)."""

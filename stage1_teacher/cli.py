@@ -120,13 +120,13 @@ def info(store: str, as_json: bool):
 
 @main.command()
 @click.argument("store")
-@click.option("--data", required=True, help="the shards the store was built from")
+@click.option("--data", default=None, help="the shards the store was built from [default: the shards it records]")
 @click.option("--sample", default=32, show_default=True, type=POSITIVE, help="rows to recompute with the teacher")
 @click.option("--teacher-pretrained", default=None,
               help="teacher weights, if they moved since the build: PATH (main), or NAME=PATH,NAME=PATH")
 @click.option("--device", default="cpu", show_default=True, callback=check_device)
 @click.option("--seed", default=0, show_default=True, type=SEED)
-def verify(store: str, data: str, sample: int, teacher_pretrained: str | None, device: str, seed: int):
+def verify(store: str, data: str | None, sample: int, teacher_pretrained: str | None, device: str, seed: int):
     """Check keys against the shards and recompute random rows (and one gradient batch) with the teacher."""
     from stage1_teacher.inspect import verify_store
 

@@ -22,7 +22,8 @@ class NonFiniteError(RuntimeError):
 
 
 class Interrupted(Exception):
-    """SIGINT / SIGTERM stopped a run after saving what resumes it; exits with 128 + the signal number."""
+    """SIGINT / SIGTERM stopped a run after saving what resumes it: reported as a stop, not an error, and exits with
+    128 + the signal number."""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
@@ -66,7 +67,7 @@ def user_message(error: BaseException, store: str | None = None, out: str | None
         return broken_metadata(store, error)
     # ValueError covers the option checks and the losses' LossSpecError; FileNotFoundError a missing input file
     if isinstance(error, (CacheError, CorpusError, ModelError, ValueError, FileNotFoundError, OutputLocked,
-                          NonFiniteError, Interrupted)):
+                          NonFiniteError)):
         return worker_message(str(error))
     return None
 
@@ -76,6 +77,9 @@ def reported_errors(store: str | None = None, out: str | None = None) -> Iterato
     """Turn user errors into click's one-line report (see user_message for `store` and `out`)."""
     try:
         yield
+    except Interrupted as e:  # asked for (Ctrl-C, a scheduler's SIGTERM): not an "Error:"
+        click.echo(str(e), err=True)
+        raise click.exceptions.Exit(e.exit_code) from e
     except Exception as e:  # noqa: BLE001 - bugs are re-raised untouched
         message = user_message(e, store, out)
         if message is None:

@@ -1,7 +1,6 @@
 """`kd-train`: stage two."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -77,9 +76,9 @@ def main(verbose: bool, **kwargs):
     from stage2_student.train import TrainOptions, train  # heavy (torch, open_clip, zarr): not for --help
 
     with reported_errors(store=kwargs["cache"], out=kwargs["out"]):
-        last = train(TrainOptions(**kwargs))
+        summary = train(TrainOptions(**kwargs))
     if os.environ.get("RANK", "0") == "0":  # one summary per run, not per torchrun process
-        click.echo(json.dumps(last))
+        click.echo(summary)
 
 
 if __name__ == "__main__":

@@ -537,13 +537,14 @@ class Trainer:
             last = self.loop(signals)
             seconds = time.perf_counter() - started
             samples = (self.step - first_step) * self.opts.batch_size
-            if self.rank == 0:
-                lost = self.corpus.lost
-                log.info("wrote %s (student.pt, open_clip_config.json, resume.pt, metrics.jsonl): steps %d-%d, "
-                         "%d samples in %.1f s (%.1f samples/s)%s", self.out, first_step + 1, self.step, samples,
-                         seconds, samples / seconds if seconds else 0.0,
-                         f"; {len(lost)} damaged shard(s) lost their samples after the damage, "
-                         f"{self.skipped_samples} unreadable sample(s) skipped (lost_samples.json)" if lost else "")
+            lost = self.corpus.lost
+            loss = f", loss {last['loss']:.4f}" if "loss" in last else ""  # no step left: a finished run resumed
+            damage = (f"; {len(lost)} damaged shard(s) lost their samples after the damage, {self.skipped_samples} "
+                      f"unreadable sample(s) skipped (lost_samples.json)" if lost else "")
+            self.summary = (f"kd-train: wrote {self.out}: step {self.step} of {self.total_steps}{loss}; steps "
+                            f"{first_step + 1}-{self.step}, {samples} samples in {seconds:.1f} s "
+                            f"({samples / seconds if seconds else 0.0:.1f} samples/s){damage}; metrics.jsonl holds "
+                            f"every logged step")
         return last
 
     def start_files(self) -> Path:
@@ -635,10 +636,13 @@ class Trainer:
     def stop_on_signal(self, signum: int, epoch: int, start: int) -> None:
         self.save(epoch, start)
         dist.barrier()
-        raise Interrupted(f"{signal.Signals(signum).name} after step {self.step}: saved {self.out / 'resume.pt'}; "
-                          f"continue with the same command plus --resume", signum)
+        raise Interrupted(f"Stopped by {signal.Signals(signum).name} after step {self.step}: saved "
+                          f"{self.out / 'resume.pt'}; continue with the same command plus --resume", signum)
 
 
-def train(opts: TrainOptions) -> dict:
-    return Trainer(opts).run()
+def train(opts: TrainOptions) -> str:
+    """Run kd-train; the run's one-line summary (its numbers are in metrics.jsonl)."""
+    trainer = Trainer(opts)
+    trainer.run()
+    return trainer.summary
 

@@ -14,10 +14,12 @@ import sys
 import time
 from pathlib import Path
 
+import click
 import pytest
 import torch
+from click.testing import CliRunner
 
-from common.errors import NonFiniteError, as_disk_full, user_message
+from common.errors import Interrupted, NonFiniteError, as_disk_full, reported_errors, user_message
 from common.lock import OutputLocked, lock_path, output_lock
 from common.synth import make_sample, write_shard
 from stage1_teacher.build import BuildOptions, build_cache
@@ -64,8 +66,9 @@ def test_sigterm_saves_and_resume_reproduces_the_run(synth_corpus, cache, tmp_pa
     _, stderr = proc.communicate()
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     saved = torch.load(out / "resume.pt", weights_only=True)  # saved at the step boundary, not at --save-every
-    assert 3 <= saved["step"] < 12 and f"SIGTERM after step {saved['step']}" in stderr and "--resume" in stderr
-    assert "Traceback" not in stderr
+    assert 3 <= saved["step"] < 12 and f"Stopped by SIGTERM after step {saved['step']}: saved" in stderr
+    assert "continue with the same command plus --resume" in stderr
+    assert "Traceback" not in stderr and "Error" not in stderr  # a stop that was asked for, not an error
     before_ensembles = tmp_path / "before_ensembles"
     shutil.copytree(out, before_ensembles)
     write_as_before_ensembles(before_ensembles / "resume.pt")
@@ -214,6 +217,19 @@ def test_two_kd_train_on_one_out_one_is_refused(synth_corpus, tmp_path):
         first.send_signal(signal.SIGKILL)
         first.wait()
     assert second.returncode == 1 and f"pid {first.pid}" in second.stderr
+
+
+def test_a_signal_stop_is_reported_as_a_stop_with_exit_code_128_plus_signum():
+    @click.command()
+    def stopped():
+        with reported_errors():
+            raise Interrupted("Stopped by SIGINT after step 7: saved run/resume.pt; continue with the same command "
+                              "plus --resume", signal.SIGINT)
+
+    result = CliRunner().invoke(stopped)
+    assert result.exit_code == 128 + signal.SIGINT
+    assert result.output == ("Stopped by SIGINT after step 7: saved run/resume.pt; continue with the same command "
+                             "plus --resume\n")
 
 
 def test_disk_full_errors_are_one_line_naming_the_path():

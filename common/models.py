@@ -35,7 +35,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from open_clip.transformer import MultimodalTransformer
 import torch
 
-from common.defaults import HUB_SCHEMAS, is_hub_model  # noqa: F401  (also imported from here)
+from common.defaults import is_hub_model
 from common.families import ModelInfo, describe
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"

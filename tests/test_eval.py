@@ -25,6 +25,7 @@ from evaluation.retrieval import retrieval_metrics_bruteforce
 from evaluation import compare as compare_module
 from evaluation.compare import RETRIEVAL_TASK, ZEROSHOT_TASK, Comparison, Entry, Evaluated, markdown_table
 from evaluation.cli import main
+from evaluation.encode import EncodedSplit
 from stage1_teacher.build import BuildOptions, build_cache
 from tests.helpers import cli, save_random_checkpoint
 
@@ -145,6 +146,17 @@ def test_zeroshot_matches_direct_computation(synth_corpus, ckpts, tmp_path):
                 "mean_per_class_recall": np.mean([top1_hit[labels == c].mean() for c in np.unique(labels)])}
     assert metrics == pytest.approx(expected, abs=1e-6)  # the metrics are float32 means
     assert all(0 <= v <= 1 for v in metrics.values())
+
+
+def test_pair_margin_is_own_minus_mean_other_caption_cosine():
+    rng = np.random.default_rng(0)
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    images, texts = unit(rng.normal(size=(5, 8))), unit(rng.normal(size=(9, 8)))
+    text_to_image = np.array([0, 0, 1, 2, 2, 2, 3, 3, 1])  # image 4 has no caption: no margin
+    split = EncodedSplit(images, texts, text_to_image, np.array([f"{i}" for i in range(5)]), None)
+    cos = images @ texts.T
+    expected = [cos[i, text_to_image == i].mean() - cos[i, text_to_image != i].mean() for i in range(4)]
+    assert split.pair_margin() == pytest.approx(expected, abs=1e-6)
 
 
 def test_compare_table_figure_alignment(synth_corpus, ckpts, student_val, tmp_path, monkeypatch):

@@ -16,13 +16,12 @@ from collections import OrderedDict
 import numpy as np
 import zarr
 
-from common.corpus import Corpus
+from common.corpus import Corpus, as_spec
+from common.defaults import CHUNK_ROWS, DTYPES, MAIN_TEACHER  # noqa: F401  (also imported from here)
 from common.index import CHECKSUM, ChunkDamage, CorpusIndex, read_index, read_rows, write_index
 from common.storage import StorageError, exists, join
 
 FORMAT_VERSION = 2
-CHUNK_ROWS = 2048
-DTYPES = {"fp16": "float16", "fp32": "float32", "int8": "int8"}
 GRAD_DTYPE = "float16"  # stored as g * grad_scale (grad_scale = grad_batch / s_t): values O(1), fp16-exact to 5e-4
 # Provenance sections that must match for a store to be resumed or used with given data / teacher.
 PROVENANCE_KEYS = ("format_version", "teacher", "corpus", "build")
@@ -35,7 +34,6 @@ COMPLETE_KEYS = CONTENT_KEYS + ("invalid_count", "invalid_examples", "corpus_err
 # Several teachers share the rows, views and gradient batches: the build's teacher ("main") has its arrays at the
 # root, each teacher added later (`kd-cache add-teacher`) the same arrays under teachers/<name>/, with its own
 # attributes overriding the root's TEACHER_ATTRS.
-MAIN_TEACHER = "main"
 TEACHERS = "teachers"
 TEACHER_ARRAYS = frozenset({"image_emb", "text_emb", "image_grad", "text_grad", "caption_text_emb", "blocks_done"})
 TEACHER_ATTRS = ("teacher", "embed_dim", "teacher_logit_scale", "teacher_logit_bias", "grad_scale")
@@ -352,19 +350,23 @@ def join_to_cache(corpus: Corpus, cache: CacheStore) -> np.ndarray:
     where = {name: i for i, name in enumerate(stored.names)}
     rows = np.empty(corpus.num_samples, dtype=np.int64)
     mine = corpus.index
+    # a foreign shard is nearly always a --data slip (val for train, another folder's 00000.tar): name the store's
+    built = (f"cache {cache.path} was built from {len(stored.urls)} shard(s), --data {as_spec(stored.urls)!r}: "
+             f"give those (or some of them) as --data")
     for shard, (name, start) in enumerate(zip(mine.names, mine.first_rows)):
         i = where.get(name)
         url = mine.urls[shard]
         if i is None:
-            raise CacheError(f"shard {url} is not in cache {cache.path} (built from {len(stored.names)} shards "
-                             f"{stored.names[0]}..{stored.names[-1]}): build a cache for this data")
+            raise CacheError(f"shard {url} is not in the cache. {built}, or build a cache for this data")
         count, size = int(mine.counts[shard]), int(mine.sizes[shard])
         if count != stored.counts[i] or size != stored.sizes[i]:
-            raise CacheError(f"shard {url} differs from the one cache {cache.path} was built from ({count} samples"
-                             f" / {size} bytes, cache has {stored.counts[i]} / {stored.sizes[i]}): rebuild the cache")
+            raise CacheError(f"shard {url} is not the {name} the cache holds ({count} samples / {size} bytes, the "
+                             f"cache's {stored.counts[i]} / {stored.sizes[i]}). {built}; rebuild the cache only "
+                             f"if its shards changed since")
         (a_bytes, a_len), (b_bytes, b_len) = mine.shard_key_bytes(shard), stored.shard_key_bytes(i)
         if not (np.array_equal(a_len, b_len) and np.array_equal(a_bytes, b_bytes)):
-            raise CacheError(f"shard {url}: keys differ from cache {cache.path}: rebuild the cache")
+            raise CacheError(f"shard {url}: its keys are not those of the {name} the cache holds. {built}; rebuild "
+                             f"the cache only if its shards changed since")
         rows[start:start + count] = np.arange(stored.first_rows[i], stored.first_rows[i] + count)
     return rows
 

@@ -27,11 +27,11 @@ from webdataset.tariterators import base_plus_ext
 
 from common import dist
 from common.decode import decode_sample
+from common.defaults import ON_ERROR_CHOICES
 from common.index import CorpusIndex, assemble, load_sidecar, save_sidecar, skipped_member, span_members
 from common.storage import RangeReader, StorageError, basename, list_tars, stat_many
 
 log = logging.getLogger("kd-corpus")
-ON_ERROR_CHOICES = ("raise", "skip")
 MAX_READ_BYTES = 32 << 20  # one ranged read covers consecutive samples up to this many bytes
 
 
@@ -68,6 +68,18 @@ def expand_spec(spec: str | Sequence[str]) -> list[str]:
     if len(set(urls)) != len(urls):
         raise CorpusError(f"data spec {spec!r} names a shard twice")
     return urls
+
+
+def as_spec(urls: Sequence[str]) -> str:
+    """A --data value naming `urls` (expand_spec's inverse): a brace pattern when they are one folder's shards
+    numbered in a row at one width (`d/{00000..00003}.tar`), else the '::'-separated list."""
+    found = [re.fullmatch(r"(.*/)?(\d+)\.tar", url) for url in urls]
+    if len(urls) > 1 and all(found):
+        numbers = [int(m.group(2)) for m in found]
+        if (len({m.group(1) for m in found}) == 1 and len({len(m.group(2)) for m in found}) == 1
+                and numbers == list(range(numbers[0], numbers[0] + len(numbers)))):
+            return f"{found[0].group(1) or ''}{{{found[0].group(2)}..{found[-1].group(2)}}}.tar"
+    return "::".join(urls)
 
 
 @dataclass

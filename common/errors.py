@@ -11,12 +11,8 @@ from pathlib import Path
 from typing import Iterator
 
 import click
-import torch
 
-from common.cache import CacheError, broken_metadata
-from common.corpus import CorpusError
 from common.lock import OutputLocked
-from common.models import ModelError
 
 log = logging.getLogger("kd-errors")
 
@@ -26,16 +22,14 @@ class NonFiniteError(RuntimeError):
 
 
 class Interrupted(Exception):
-    """SIGINT / SIGTERM stopped a run after saving what resumes it; exits with 128 + the signal number."""
+    """SIGINT / SIGTERM stopped a run after saving what resumes it: reported as a stop, not an error, and exits with
+    128 + the signal number."""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_code = 128 + signum
 
 
-# ValueError covers the option checks and the losses' LossSpecError; FileNotFoundError a missing input file
-USER_ERRORS = (CacheError, CorpusError, ModelError, ValueError, FileNotFoundError, OutputLocked, NonFiniteError,
-               Interrupted)
 _DISK_FULL_ADVICE = "free space there and re-run the same command"
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*: ")  # 'common.corpus.CorpusError: ...' in a traceback
 
@@ -54,11 +48,18 @@ def worker_message(message: str) -> str:
 def user_message(error: BaseException, store: str | None = None, out: str | None = None) -> str | None:
     """One line a person can act on for `error`, or None for a bug (which keeps its traceback). `store`: the Zarr
     store the command opens; `out`: what it writes (named when a full disk's error does not say which file)."""
+    # imported here, not at the top: the CLIs import this module, and their --help must not load torch or zarr
+    from common.cache import CacheError, broken_metadata
+    from common.corpus import CorpusError
+    from common.models import ModelError
+
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         return f"no space left on the device writing {error.filename or out or 'the output'}: {_DISK_FULL_ADVICE}"
     if isinstance(error, json.JSONDecodeError) and store:  # an array's zarr.json, read after the store opened
         return broken_metadata(store, error)
-    if isinstance(error, USER_ERRORS):
+    # ValueError covers the option checks and the losses' LossSpecError; FileNotFoundError a missing input file
+    if isinstance(error, (CacheError, CorpusError, ModelError, ValueError, FileNotFoundError, OutputLocked,
+                          NonFiniteError)):
         return worker_message(str(error))
     return None
 
@@ -68,6 +69,9 @@ def reported_errors(store: str | None = None, out: str | None = None) -> Iterato
     """Turn user errors into click's one-line report (see user_message for `store` and `out`)."""
     try:
         yield
+    except Interrupted as e:  # asked for (Ctrl-C, a scheduler's SIGTERM): not an "Error:"
+        click.echo(str(e), err=True)
+        raise click.exceptions.Exit(e.exit_code) from e
     except Exception as e:  # noqa: BLE001 - bugs are re-raised untouched
         message = user_message(e, store, out)
         if message is None:
@@ -104,7 +108,11 @@ SEED = click.IntRange(0, 2**63 - 1)  # what numpy's and torch's generators take 
 
 def check_device(ctx, param, value: str) -> str:
     """click callback for --device: a CUDA device needs a GPU that torch sees."""
-    if value.startswith("cuda") and not torch.cuda.is_available():
+    if not value.startswith("cuda"):
+        return value
+    import torch  # only a CUDA device needs it: --help and cpu runs' option parsing stay light
+
+    if not torch.cuda.is_available():
         raise click.BadParameter(f"{value!r}: torch sees no GPU here (torch.cuda.is_available() is False): "
                                  f"use --device cpu")
     return value

@@ -35,6 +35,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from open_clip.transformer import MultimodalTransformer
 import torch
 
+from common.defaults import is_hub_model
 from common.families import ModelInfo, describe
 from common.hub_folder import CONFIG_FILE, WEIGHTS_FILE, is_hub_folder
 
@@ -46,12 +47,7 @@ class ModelError(ValueError):
     """A model name, config file or checkpoint that cannot be used, with what to do about it."""
 
 
-HUB_SCHEMAS = ("hf-hub:", "local-dir:")
 LEGACY_RUN_WEIGHTS = "student.pt"  # a kd-train run's weights before run folders were hub folders
-
-
-def is_hub_model(name: str) -> bool:
-    return str(name).startswith(HUB_SCHEMAS)
 
 
 def _resolve_hub_model(name: str) -> str:

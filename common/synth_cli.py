@@ -8,8 +8,6 @@ from pathlib import Path
 
 import click
 
-from common.synth import SPLITS, generate_corpus
-
 CORPUS_FILE = "corpus.json"
 
 
@@ -21,6 +19,8 @@ def _default_workers() -> int:
 def _prepare_output(out: Path, overwrite: bool) -> None:
     """Refuse a non-empty OUT unless `overwrite`; with it, remove only what `synth` writes there (the split
     directories and corpus.json), keeping any other file."""
+    from common.synth import SPLITS  # numpy, PIL: not for --help
+
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise click.BadParameter(f"{out} exists and is not empty; pass --overwrite to replace the corpus "
@@ -62,6 +62,8 @@ def synth(out: Path, train: int, val: int, zeroshot: int, shard_size: int, seed:
     if total == 0:
         raise click.UsageError("nothing to generate: --train, --val and --zeroshot are all 0")
     _prepare_output(out, overwrite)
+    from common.synth import generate_corpus
+
     start = time.perf_counter()
     generate_corpus(out, sizes, shard_size=shard_size, seed=seed, image_size=image_size, workers=workers,
                     progress=True)

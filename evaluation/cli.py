@@ -8,18 +8,13 @@ from pathlib import Path
 
 import click
 
-from common.cache import MAIN_TEACHER, CacheStore
-from common.corpus import ON_ERROR_CHOICES, Corpus
+from common.defaults import MAIN_TEACHER, ON_ERROR_CHOICES, is_hub_model
 from common.errors import (NON_NEGATIVE, POSITIVE, DataPatternGroup, check_device, reported_errors,
                            run_reporting_errors)
-from common.model_card import record_eval
-from common.models import create_clip, is_hub_model
-from evaluation.retrieval import retrieval_metrics, without_aliases
-from evaluation.zeroshot import format_table, read_classnames, result_json, templates_for, zeroshot_metrics
-from evaluation.compare import (RETRIEVAL_TASK, ZEROSHOT_TASK, Entry, ZeroshotTask, compare,
-                                markdown_table, weights_label, write_figure)
-from evaluation.encode import cache_split, encode_classifier, encode_split
 from evaluation.layout import classnames_file, shard_spec
+
+# The evaluation modules (torch, open_clip, zarr, faiss) are imported where a command runs, so that --help and
+# option errors answer at once.
 
 EXISTING_FILE = click.Path(exists=True, dir_okay=False)
 TEMPLATES_HELP = ("prompt templates, one per line, with {c} or {} for the class name (default: templates.txt or "
@@ -92,6 +87,7 @@ def main(verbose: bool):
 def updated_card(update_card: str | None, result: dict, clip) -> dict:
     """The result, recorded in the run's model card when --update-card names one."""
     if update_card:
+        from common.model_card import record_eval
         click.echo(f"wrote {record_eval(Path(update_card), result, clip.fingerprint)}")
     return result
 
@@ -99,6 +95,14 @@ def updated_card(update_card: str | None, result: dict, clip) -> dict:
 def evaluate_retrieval(model, checkpoint, cache, data, k, index, batch_size, device, workers, on_error,
                        first_caption, update_card=None, cache_teacher=MAIN_TEACHER) -> dict:
     """Retrieval result JSON of a model (every caption, or the first) or of a cache's stored embeddings."""
+    from common.cache import CacheStore
+    from common.corpus import Corpus
+    from common.models import create_clip
+    from evaluation.compare import RETRIEVAL_TASK, weights_label
+    from evaluation.encode import cache_split, encode_split
+    from evaluation.retrieval import retrieval_metrics
+    from evaluation.zeroshot import result_json
+
     corpus = Corpus.open(shard_spec(data), on_error=on_error)
     clip = None
     if cache:
@@ -137,6 +141,9 @@ def retrieval(output, **kwargs):
     require_weights(kwargs)
     with reported_errors(store=kwargs["cache"]):
         result = evaluate_retrieval(**kwargs)
+    from evaluation.retrieval import without_aliases
+    from evaluation.zeroshot import format_table
+
     click.echo(format_table(without_aliases(result["metrics"])))
     write_json(result, output)
 
@@ -145,6 +152,12 @@ def evaluate_zeroshot(model, checkpoint, data, classnames, templates, batch_size
                       on_error, update_card=None) -> dict:
     """Zero-shot classification result JSON: images against per-class mean prompt embeddings; it records the
     templates used and their source."""
+    from common.corpus import Corpus
+    from common.models import create_clip
+    from evaluation.compare import ZEROSHOT_TASK, weights_label
+    from evaluation.encode import encode_classifier, encode_split
+    from evaluation.zeroshot import read_classnames, result_json, templates_for, zeroshot_metrics
+
     classnames = classnames_file(data, classnames)
     names, prompts = read_classnames(classnames), templates_for(classnames, templates)
     clip = create_clip(model, checkpoint, device=device)
@@ -169,6 +182,8 @@ def zeroshot(output, **kwargs):
         raise click.UsageError("give --model")
     require_weights(kwargs)
     result = run_reporting_errors(evaluate_zeroshot, **kwargs)
+    from evaluation.zeroshot import format_table
+
     click.echo(format_table(result["metrics"]))
     write_json(result, output)
 
@@ -176,6 +191,9 @@ def zeroshot(output, **kwargs):
 def run_comparison(entry, data, teacher_entry, baseline_entry, zeroshot_data, classnames, templates, k, batch_size,
                    device, workers):
     """Parse the entries and the zero-shot task, then compare."""
+    from evaluation.compare import Entry, ZeroshotTask, compare
+    from evaluation.zeroshot import read_classnames, templates_for
+
     task = None
     if zeroshot_data:
         classnames = classnames_file(zeroshot_data, classnames)
@@ -209,6 +227,8 @@ def compare_command(markdown, figure, output, **kwargs):
     if kwargs["classnames"] and not kwargs["zeroshot_data"]:
         raise click.UsageError("--classnames belongs to --zeroshot-data: give the zero-shot split too")
     comparison = run_reporting_errors(run_comparison, **kwargs)
+    from evaluation.compare import markdown_table, write_figure
+
     table = markdown_table(comparison)
     click.echo(table)
     if markdown:

@@ -37,9 +37,17 @@ class EncodedSplit:
         captions = f"{len(self.text_emb)} captions, " if len(self.text_emb) else ""
         return f"{len(self.image_emb)} images, {captions}{self.dropped} invalid samples dropped"
 
-    def paired_similarity(self) -> np.ndarray:
-        """Cosine of every caption with its own image (M,): how well the model matches true pairs."""
-        return np.einsum("ij,ij->i", self.image_emb[self.text_to_image], self.text_emb)
+    def pair_margin(self) -> np.ndarray:
+        """Per image with a caption: mean cosine with its own captions minus mean cosine with every other image's
+        captions (what CLIP-KD plots). Unlike a raw cosine it compares across models, whose similarity scales
+        differ; O(N + M) from the caption sum, no N x M matrix."""
+        n, m = len(self.image_emb), len(self.text_emb)
+        paired = np.einsum("ij,ij->i", self.image_emb[self.text_to_image], self.text_emb)
+        own = np.bincount(self.text_to_image, minlength=n)
+        positive = np.bincount(self.text_to_image, weights=paired, minlength=n)
+        everything = self.image_emb.astype(np.float64) @ self.text_emb.sum(axis=0, dtype=np.float64)
+        has = (own > 0) & (own < m)
+        return positive[has] / own[has] - (everything[has] - positive[has]) / (m - own[has])
 
     def require_labels(self) -> np.ndarray:
         """The class labels, or a ValueError naming the first sample without one (`.cls`, or `label` in its .json)."""

@@ -17,6 +17,12 @@ from pipeline import cli, run_step  # noqa: E402
 
 TEACHER, STUDENT = "kd-demo-teacher", "kd-demo-student"
 KD_LOSSES = "task,fd,icl,crd"  # CLIP-KD's recipe with the paper's weights
+BATCH = 128
+
+
+def warmup(samples: int, epochs: int) -> int:
+    """10% of a run's steps (kd-train caps --warmup there, with a warning): full batches only, as kd-train counts."""
+    return max(1, epochs * (samples // BATCH) // 10)
 
 
 def sizes(scale: float) -> dict:
@@ -40,8 +46,8 @@ def main(argv=None) -> None:
     out = args.out
     corpus, teacher_run, cache = out / "corpus", out / "teacher", out / "teacher_cache.zarr"
     student_data = str(corpus / "train" / f"{{00000..{s['student_shards'] - 1:05d}}}.tar")
-    common_train = ["--batch-size", 128, "--lr", "1e-3", "--warmup", 100, "--device", args.device,
-                    "--workers", args.workers, "--log-every", 20]
+    common_train = ["--batch-size", BATCH, "--lr", "1e-3", "--device", args.device, "--workers", args.workers,
+                    "--log-every", 20]
     total = 0.0
 
     total += run_step("1/6 corpus", cli("kd-data") + [
@@ -49,7 +55,8 @@ def main(argv=None) -> None:
         "--shard-size", s["shard_size"], "--image-size", 64, "--seed", 0, "--overwrite"], corpus)
     total += run_step("2/6 teacher (plain CLIP, whole train split)", cli("kd-train") + [
         "--data", corpus / "train", "--student", TEACHER, "--losses", "task", "--out", teacher_run,
-        "--epochs", s["teacher_epochs"], *common_train], teacher_run, inputs=(corpus,))
+        "--epochs", s["teacher_epochs"], "--warmup", warmup(s["train"], s["teacher_epochs"]), *common_train],
+        teacher_run, inputs=(corpus,))
     total += run_step("3/6 teacher cache over the students' split", cli("kd-cache") + [
         "build", "--teacher", f"local-dir:{teacher_run}", "--data", student_data,
         "--out", cache, "--batch-size", 256, "--grad-batch", 128, "--device", args.device,
@@ -58,7 +65,8 @@ def main(argv=None) -> None:
     for i, (name, (losses, store)) in enumerate(runs.items()):
         total += run_step(f"{4 + i}/6 student: {name} ({losses})", cli("kd-train") + [
             "--data", student_data, "--student", STUDENT, "--losses", losses, "--out", out / name,
-            "--epochs", s["student_epochs"], *common_train, *(["--cache", store] if store else [])],
+            "--epochs", s["student_epochs"], "--warmup", warmup(s["student_shards"] * s["shard_size"], s["student_epochs"]),
+            *common_train, *(["--cache", store] if store else [])],
             out / name, inputs=(cache,) if store else (corpus,))
     total += run_step("6/6 evaluation", cli("kd-eval") + [
         "compare", "--data", corpus / "val", "--zeroshot-data", corpus / "zeroshot",

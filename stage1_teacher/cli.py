@@ -8,14 +8,12 @@ import os
 
 import click
 
-from common.cache import CHUNK_ROWS, DTYPES, MAIN_TEACHER
-from common.corpus import ON_ERROR_CHOICES
+from common.defaults import CHUNK_ROWS, DTYPES, MAIN_TEACHER, ON_ERROR_CHOICES
 from common.errors import NON_NEGATIVE, POSITIVE, SEED, DataPatternGroup, check_device, reported_errors
 from common.lock import output_lock
-from common.models import named_weights
-from stage1_teacher.build import BuildOptions, build_cache
-from stage1_teacher.captions import CaptionOptions, build_captions
-from stage1_teacher.inspect import store_summary, verify_store
+
+# The commands import their stage's modules (torch, open_clip, zarr) when they run, so that --help and option
+# errors answer at once.
 
 @click.group(cls=DataPatternGroup)
 @click.option("-v", "--verbose", "--debug", "verbose", is_flag=True, help="debug log, with error tracebacks")
@@ -52,6 +50,8 @@ def build(**kwargs):
     """Run the teacher once over the corpus; resumable, and splits across torchrun ranks."""
     out = kwargs["out"]
     # one build per store: torchrun's rank 0 holds the lock (ranks start together; a second command is refused)
+    from stage1_teacher.build import BuildOptions, build_cache
+
     holds_lock = int(os.environ.get("RANK", "0")) == 0
     with reported_errors(store=out, out=out), output_lock(out) if holds_lock else contextlib.nullcontext():
         build_cache(BuildOptions(**kwargs))
@@ -69,6 +69,8 @@ def build(**kwargs):
 def add_teacher(store: str, name: str, **kwargs):
     """Add another teacher's targets over the store's rows, views and gradient batches (and captions, if any);
     resumable, splits across torchrun ranks, leaves the other teachers untouched."""
+    from stage1_teacher.build import BuildOptions, build_cache
+
     holds_lock = int(os.environ.get("RANK", "0")) == 0
     with reported_errors(store=store, out=store), output_lock(store) if holds_lock else contextlib.nullcontext():
         build_cache(BuildOptions(out=store, name=name, **kwargs))
@@ -91,6 +93,9 @@ def add_teacher(store: str, name: str, **kwargs):
 @click.option("--overwrite", is_flag=True, help="replace captions made with another captioner or options")
 def captions(store: str, teacher_pretrained: tuple[str, ...], **kwargs):
     """Generate N synthetic captions per image with a CoCa captioner, and embed them with every teacher."""
+    from common.models import named_weights
+    from stage1_teacher.captions import CaptionOptions, build_captions
+
     holds_lock = int(os.environ.get("RANK", "0")) == 0
     with reported_errors(store=store, out=store), output_lock(store) if holds_lock else contextlib.nullcontext():
         build_captions(CaptionOptions(store=store, teacher_pretrained=named_weights(",".join(teacher_pretrained),
@@ -102,6 +107,8 @@ def captions(store: str, teacher_pretrained: tuple[str, ...], **kwargs):
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 def info(store: str, as_json: bool):
     """Summary of a store: rows, teacher, provenance, size on disk."""
+    from stage1_teacher.inspect import store_summary
+
     with reported_errors(store=store):
         summary = store_summary(store)
     if as_json:
@@ -113,14 +120,16 @@ def info(store: str, as_json: bool):
 
 @main.command()
 @click.argument("store")
-@click.option("--data", required=True, help="the shards the store was built from")
+@click.option("--data", default=None, help="the shards the store was built from [default: the shards it records]")
 @click.option("--sample", default=32, show_default=True, type=POSITIVE, help="rows to recompute with the teacher")
 @click.option("--teacher-pretrained", default=None,
               help="teacher weights, if they moved since the build: PATH (main), or NAME=PATH,NAME=PATH")
 @click.option("--device", default="cpu", show_default=True, callback=check_device)
 @click.option("--seed", default=0, show_default=True, type=SEED)
-def verify(store: str, data: str, sample: int, teacher_pretrained: str | None, device: str, seed: int):
+def verify(store: str, data: str | None, sample: int, teacher_pretrained: str | None, device: str, seed: int):
     """Check keys against the shards and recompute random rows (and one gradient batch) with the teacher."""
+    from stage1_teacher.inspect import verify_store
+
     with reported_errors(store=store):
         report = verify_store(store, data, sample, teacher_pretrained, device, seed)
     for line in report["lines"]:

@@ -6,7 +6,7 @@ import torch
 
 from common.cache import CAPTIONS, MAIN_TEACHER, CacheError, CacheStore, dequantize, join_to_cache, provenance_diff, read_chunked
 from common.contrastive import contrastive_loss_grads
-from common.corpus import Corpus
+from common.corpus import Corpus, CorpusError, as_spec
 from common.models import clip_from_provenance, named_weights
 from common.storage import filesystem
 from common.views import CLEAN_VIEW, render, view_from_arrays
@@ -124,11 +124,19 @@ def check_corpus(store: CacheStore, corpus: Corpus) -> list[str]:
     return diffs
 
 
-def verify_store(path: str, data: str, sample: int, pretrained: str | None, device: str, seed: int) -> dict:
+def verify_store(path: str, data: str | None, sample: int, pretrained: str | None, device: str, seed: int) -> dict:
     """Integrity and recomputation of every teacher of the store (each line prefixed by the teacher's name when
     the store has several)."""
     store = CacheStore(path)
-    corpus = Corpus.open(data, on_error="skip", known=[store.index()])
+    recorded = data is None
+    data = as_spec(store.index().urls) if recorded else data  # the shards as they were named at the build
+    try:
+        corpus = Corpus.open(data, on_error="skip", known=[store.index()])
+    except CorpusError as e:
+        if not recorded:
+            raise
+        raise CacheError(f"store {path} was built from --data {data!r}, which cannot be read from here ({e}): "
+                         f"pass --data with where those shards are now") from e
     diffs = check_corpus(store, corpus)
     if diffs:
         raise CacheError(f"store {path} was not built from {data}:\n  " + "\n  ".join(diffs))

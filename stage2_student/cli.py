@@ -1,22 +1,21 @@
 """`kd-train`: stage two."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 
 import click
 
+from common.defaults import DEFAULT_LOSSES, MODES, ON_ERROR_CHOICES
 from common.errors import (NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, POSITIVE_FLOAT, PROBABILITY, SEED,
                            DataPatternCommand, check_device, reported_errors)
-from common.corpus import ON_ERROR_CHOICES
-from stage2_student.losses import LossSpecError, parse_loss_spec
-from stage2_student.targets import MODES
-from stage2_student.train import DEFAULT_LOSSES, TrainOptions, train
 
 
 def check_losses(ctx, param, value: str) -> str:
     """click callback for --losses: a spec that does not parse is refused with the other options."""
+    # the loss registry needs torch: imported here, so that --help and the other options' errors stay fast
+    from stage2_student.losses import LossSpecError, parse_loss_spec
+
     try:
         parse_loss_spec(value)
     except LossSpecError as e:
@@ -79,10 +78,12 @@ def check_losses(ctx, param, value: str) -> str:
 def main(verbose: bool, **kwargs):
     """Train a CLIP student against a teacher cache (live teacher as fallback)."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(name)s: %(message)s")
+    from stage2_student.train import TrainOptions, train  # heavy (torch, open_clip, zarr): not for --help
+
     with reported_errors(store=kwargs["cache"], out=kwargs["out"]):
-        last = train(TrainOptions(**kwargs))
+        summary = train(TrainOptions(**kwargs))
     if os.environ.get("RANK", "0") == "0":  # one summary per run, not per torchrun process
-        click.echo(json.dumps(last))
+        click.echo(summary)
 
 
 if __name__ == "__main__":

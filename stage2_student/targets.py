@@ -23,12 +23,12 @@ from common import dist
 from common.cache import MAIN_TEACHER, CacheError, CacheStore, ChunkedRows, read_chunked
 from common.storage import cache_dir
 from common.contrastive import contrastive_loss_grads
+from common.defaults import MODES
 from common.models import LoadedCLIP
 from common.families import forward_features
 from stage2_student.losses import CACHEABLE_TARGETS, TeacherTargets
 
 log = logging.getLogger("kd-train")
-MODES = ("auto", "cache", "live")
 _LIVE_FEATURE = {"image_emb": "image_emb", "text_emb": "text_emb", "image_tokens": "image_tokens",
                  "hidden_states": "hidden_states", "attentions": "attentions"}
 

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from common import dist
 from common.cache import CAPTIONS, MAIN_TEACHER, CacheError, CacheStore, join_to_cache
 from common.corpus import Corpus
+from common.defaults import DEFAULT_LOSSES
 from common.errors import Interrupted, NonFiniteError
 from common.hub_folder import HUB_FILES, TOKENIZER_FILES, WEIGHTS_FILE, save_config, save_tokenizer, save_weights
 from common.lock import output_lock
@@ -41,7 +42,6 @@ from stage2_student.student import Student, check_models_serve_losses, loss_dims
 from stage2_student.targets import TargetProvider, uncacheable
 
 log = logging.getLogger("kd-train")
-DEFAULT_LOSSES = "task,fd,icl,crd"  # CLIP-KD: task + FD (2000) + ICL (1) + CRD (1), the paper's weights
 # pooled StudentOutputs / TeacherTargets fields: computed per rank, gathered into the global batch
 _POOLED_STUDENT = ("image_emb", "text_emb", "masked_image_emb")  # projected per teacher after the gather
 _POOLED_TEACHER = ("image_emb", "text_emb", "image_grad", "text_grad")
@@ -565,13 +565,15 @@ class Trainer:
             last = self.loop(signals)
             seconds = time.perf_counter() - started
             samples = (self.step - first_step) * self.opts.batch_size
-            if self.rank == 0:
-                lost = self.corpus.lost
-                log.info("wrote %s (open_clip hub folder: local-dir:%s; resume.pt, metrics.jsonl): steps %d-%d, "
-                         "%d samples in %.1f s (%.1f samples/s)%s", self.out, self.out, first_step + 1, self.step, samples,
-                         seconds, samples / seconds if seconds else 0.0,
-                         f"; {len(lost)} damaged shard(s) lost their samples after the damage, "
-                         f"{self.skipped_samples} unreadable sample(s) skipped (lost_samples.json)" if lost else "")
+            lost = self.corpus.lost
+            loss = f", loss {last['loss']:.4f}" if "loss" in last else ""  # no step left: a finished run resumed
+            damage = (f"; {len(lost)} damaged shard(s) lost their samples after the damage, {self.skipped_samples} "
+                      f"unreadable sample(s) skipped (lost_samples.json)" if lost else "")
+            self.summary = (f"kd-train: wrote {self.out} (an open_clip hub folder: local-dir:{self.out}): step "
+                            f"{self.step} of {self.total_steps}{loss}; steps {first_step + 1}-{self.step}, {samples} "
+                            f"samples in {seconds:.1f} s "
+                            f"({samples / seconds if seconds else 0.0:.1f} samples/s){damage}; metrics.jsonl holds "
+                            f"every logged step")
         return last
 
     def start_files(self) -> Path:
@@ -673,10 +675,13 @@ class Trainer:
     def stop_on_signal(self, signum: int, epoch: int, start: int) -> None:
         self.save(epoch, start)
         dist.barrier()
-        raise Interrupted(f"{signal.Signals(signum).name} after step {self.step}: saved {self.out / 'resume.pt'}; "
-                          f"continue with the same command plus --resume", signum)
+        raise Interrupted(f"Stopped by {signal.Signals(signum).name} after step {self.step}: saved "
+                          f"{self.out / 'resume.pt'}; continue with the same command plus --resume", signum)
 
 
-def train(opts: TrainOptions) -> dict:
-    return Trainer(opts).run()
+def train(opts: TrainOptions) -> str:
+    """Run kd-train; the run's one-line summary (its numbers are in metrics.jsonl)."""
+    trainer = Trainer(opts)
+    trainer.run()
+    return trainer.summary
 

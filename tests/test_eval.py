@@ -25,6 +25,7 @@ from evaluation.retrieval import retrieval_metrics_bruteforce
 from evaluation import compare as compare_module
 from evaluation.compare import RETRIEVAL_TASK, ZEROSHOT_TASK, Comparison, Entry, Evaluated, markdown_table
 from evaluation.cli import main
+from evaluation.encode import EncodedSplit
 from stage1_teacher.build import BuildOptions, build_cache
 from tests.helpers import cli, save_random_checkpoint
 
@@ -114,7 +115,10 @@ def test_cache_metrics_equal_teacher_first_captions(synth_corpus, ckpts, val_cac
 
 def test_cache_refused_for_other_data_or_without_text(synth_corpus, val_cache, tmp_path):
     result = kd_eval("retrieval", "--cache", val_cache, "--data", synth_corpus / "train", code=1)
-    assert "differs from the one cache" in result.output
+    # the usual slip (val and train both hold a 00000.tar): the message names the data the store was built from
+    assert "00000.tar is not the 00000.tar the cache holds" in result.output
+    assert (f"was built from 2 shard(s), --data '{synth_corpus / 'val'}/{{00000..00001}}.tar': give those (or "
+            f"some of them) as --data") in result.output
     no_text = tmp_path / "no_text.zarr"
     shutil.copytree(val_cache, no_text)
     del zarr.open_group(str(no_text), mode="r+")["text_emb"]
@@ -142,6 +146,17 @@ def test_zeroshot_matches_direct_computation(synth_corpus, ckpts, tmp_path):
                 "mean_per_class_recall": np.mean([top1_hit[labels == c].mean() for c in np.unique(labels)])}
     assert metrics == pytest.approx(expected, abs=1e-6)  # the metrics are float32 means
     assert all(0 <= v <= 1 for v in metrics.values())
+
+
+def test_pair_margin_is_own_minus_mean_other_caption_cosine():
+    rng = np.random.default_rng(0)
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    images, texts = unit(rng.normal(size=(5, 8))), unit(rng.normal(size=(9, 8)))
+    text_to_image = np.array([0, 0, 1, 2, 2, 2, 3, 3, 1])  # image 4 has no caption: no margin
+    split = EncodedSplit(images, texts, text_to_image, np.array([f"{i}" for i in range(5)]), None)
+    cos = images @ texts.T
+    expected = [cos[i, text_to_image == i].mean() - cos[i, text_to_image != i].mean() for i in range(4)]
+    assert split.pair_margin() == pytest.approx(expected, abs=1e-6)
 
 
 def test_compare_table_figure_alignment(synth_corpus, ckpts, student_val, tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import pytest
 import zarr
 
 from common.cache import CacheStore
-from common.corpus import Corpus, CorpusError, expand_spec
+from common.corpus import Corpus, CorpusError, as_spec, expand_spec
 from common.index import scan_shard, sidecar_url
 from common.storage import stat_many
 from common.synth import make_sample, write_shard
@@ -82,6 +82,16 @@ def test_shard_directories_sort_naturally(tmp_path):
     for n in (10, 2, 1):
         write_shard(tmp_path / f"{n}.tar", [make_sample(0, "train", n, f"{n:09d}", image_size=16)])
     assert [os.path.basename(u) for u in expand_spec(str(tmp_path))] == ["1.tar", "2.tar", "10.tar"]
+
+
+def test_as_spec_gives_a_data_value_naming_the_same_shards(tmp_path):
+    for n in range(8, 12):
+        write_shard(tmp_path / f"{n:05d}.tar", [make_sample(0, "train", n, f"{n:09d}", image_size=16)])
+    urls = expand_spec(str(tmp_path))
+    assert as_spec(urls) == f"{tmp_path}/{{00008..00011}}.tar" and expand_spec(as_spec(urls)) == urls
+    assert as_spec(urls[:1]) == urls[0]
+    gap = [urls[0], urls[2]]  # not in a row: the list itself
+    assert as_spec(gap) == "::".join(gap) and expand_spec(as_spec(gap)) == gap
 
 
 def overwrite_header(path, member: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import re
 import shutil
 import signal
@@ -13,13 +14,15 @@ import sys
 import time
 from pathlib import Path
 
+import click
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from common.errors import NonFiniteError, user_message
+from common.errors import Interrupted, NonFiniteError, reported_errors, user_message
+from common.lock import OutputLocked, lock_path, output_lock
 from common.storage import as_disk_full
-from common.lock import output_lock
 from common.synth import make_sample, write_shard
 from stage1_teacher.build import BuildOptions, build_cache
 from stage2_student.train import Trainer, TrainOptions
@@ -65,8 +68,9 @@ def test_sigterm_saves_and_resume_reproduces_the_run(synth_corpus, cache, tmp_pa
     _, stderr = proc.communicate()
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     saved = torch.load(out / "resume.pt", weights_only=True)  # saved at the step boundary, not at --save-every
-    assert 3 <= saved["step"] < 12 and f"SIGTERM after step {saved['step']}" in stderr and "--resume" in stderr
-    assert "Traceback" not in stderr
+    assert 3 <= saved["step"] < 12 and f"Stopped by SIGTERM after step {saved['step']}: saved" in stderr
+    assert "continue with the same command plus --resume" in stderr
+    assert "Traceback" not in stderr and "Error" not in stderr  # a stop that was asked for, not an error
     before_ensembles = tmp_path / "before_ensembles"
     shutil.copytree(out, before_ensembles)
     write_as_before_ensembles(before_ensembles / "resume.pt")
@@ -134,15 +138,17 @@ def test_non_finite_weights_are_never_saved(synth_corpus, tmp_path):
 
 
 def lock_holder(out: Path) -> subprocess.Popen:
-    """Another live process holding `out`'s lock, as a running kd-train or kd-cache build does."""
-    code = ("import sys, time; from common.lock import output_lock\n"
-            "with output_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(600)")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    """Another live process holding `out`'s lock, as a running kd-train or kd-cache build does; it ends normally
+    when its stdin is closed."""
+    code = ("import sys; from common.lock import output_lock\n"
+            "with output_lock(sys.argv[1]):\n    print('locked', flush=True); sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=REPO, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
 
-def test_second_writer_is_refused_naming_the_holder_and_a_killed_one_leaves_no_lock(synth_corpus, cache, tmp_path):
+def test_second_writer_is_refused_naming_the_holder_and_takes_over_a_killed_ones_lock(synth_corpus, cache, tmp_path):
     run, store = tmp_path / "run", tmp_path / "store.zarr"
     build = ["build", "--teacher", TEACHER, "--data", synth_corpus / "val", "--out", store, "--batch-size", 16,
              "--grad-batch", 16, "--chunk-rows", 16, "--workers", 0]
@@ -157,8 +163,40 @@ def test_second_writer_is_refused_naming_the_holder_and_a_killed_one_leaves_no_l
             holder.wait()
         assert refused.returncode == 1 and f"being written by another process (pid {holder.pid}" in refused.stderr
         assert not out.exists()  # refused before writing anything
-        cli(*command)  # the killed holder left no stale lock
-        assert (Path(str(out) + ".lock").read_text().strip()) != str(holder.pid)
+        assert lock_path(out).read_text().strip() == str(holder.pid)  # SIGKILL: its file stays, unlocked
+        cli(*command)  # takes the stale file over, and removes it at its end
+        assert not lock_path(out).exists()
+
+
+def test_no_lock_file_or_folder_stays_behind_an_end_or_a_refusal(tmp_path):
+    out = tmp_path / "new" / "deeper" / "run"
+    with pytest.raises(ValueError, match="refused"), output_lock(str(out)):
+        assert lock_path(out).read_text().strip() == str(os.getpid())
+        raise ValueError("refused")  # as kd-train's check of --out, after taking the lock
+    assert not (tmp_path / "new").exists()  # the folders made for the lock file went with it
+    with output_lock(str(out)):
+        out.mkdir()
+    assert [p.name for p in out.parent.iterdir()] == ["run"]
+
+
+def test_a_lock_released_by_its_holder_is_taken_by_the_next_writer_without_a_file_left(tmp_path):
+    out = tmp_path / "run"
+    holder = lock_holder(out)
+    with pytest.raises(OutputLocked, match=f"pid {holder.pid}"), output_lock(str(out)):
+        pass
+    holder.stdin.close()  # a normal end: it unlinks its file, then releases the lock
+    assert holder.wait() == 0 and not lock_path(out).exists()
+    with output_lock(str(out)):
+        assert lock_path(out).read_text().strip() == str(os.getpid())
+    assert not lock_path(out).exists()
+
+
+def test_kd_train_refused_after_the_lock_leaves_no_lock_and_no_folder(synth_corpus, tmp_path):
+    out = tmp_path / "runs" / "new"
+    refused = cli("stage2_student.cli", "--out", out, "--resume", *train_args(synth_corpus, "--losses", "task"),
+                  check=False)
+    assert refused.returncode == 1 and "holds no run to continue" in refused.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_remote_outputs_are_not_locked(tmp_path, caplog, monkeypatch):
@@ -181,6 +219,19 @@ def test_two_kd_train_on_one_out_one_is_refused(synth_corpus, tmp_path):
         first.send_signal(signal.SIGKILL)
         first.wait()
     assert second.returncode == 1 and f"pid {first.pid}" in second.stderr
+
+
+def test_a_signal_stop_is_reported_as_a_stop_with_exit_code_128_plus_signum():
+    @click.command()
+    def stopped():
+        with reported_errors():
+            raise Interrupted("Stopped by SIGINT after step 7: saved run/resume.pt; continue with the same command "
+                              "plus --resume", signal.SIGINT)
+
+    result = CliRunner().invoke(stopped)
+    assert result.exit_code == 128 + signal.SIGINT
+    assert result.output == ("Stopped by SIGINT after step 7: saved run/resume.pt; continue with the same command "
+                             "plus --resume\n")
 
 
 def test_disk_full_errors_are_one_line_naming_the_path():

@@ -240,3 +240,21 @@ def test_verify_passes_and_catches_tampering(store, synth_corpus, teacher_ckpt, 
     assert bad.returncode != 0 and "BELOW" in bad.stdout
     wrong = cli("stage1_teacher.cli", "verify", store, "--data", synth_corpus / "val", check=False)
     assert wrong.returncode != 0 and "was not built from" in wrong.stderr
+
+
+def test_verify_defaults_to_the_shards_the_store_records(synth_corpus, teacher_ckpt, tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    shutil.copy(synth_corpus / "val" / "00000.tar", shards)
+    store = tmp_path / "one.zarr"
+    build_cache(BuildOptions(teacher=TEACHER, pretrained=str(teacher_ckpt), data=str(shards), out=str(store),
+                             **SMALL))
+    ok = cli("stage1_teacher.cli", "verify", store, "--sample", "4")
+    assert ok.stdout.strip().endswith("OK") and "keys: 24 rows match the shards" in ok.stdout
+    moved = tmp_path / "moved"
+    shards.rename(moved)
+    lost = cli("stage1_teacher.cli", "verify", store, "--sample", "4", check=False)
+    assert lost.returncode == 1 and (f"store {store} was built from --data '{shards}/00000.tar', which cannot be "
+                                     f"read from here") in lost.stderr
+    assert "pass --data with where those shards are now" in lost.stderr
+    assert cli("stage1_teacher.cli", "verify", store, "--data", moved, "--sample", "4").stdout.strip().endswith("OK")

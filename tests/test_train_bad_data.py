@@ -82,7 +82,7 @@ def test_a_truncated_shard_under_skip_counts_what_it_lost(tmp_path):
     assert 0 < lost[0]["samples_before"] < 64 and lost[0]["error"].startswith("truncated")
     assert f"shard {damaged} is damaged at byte {damaged.stat().st_size}" in result.stderr
     assert "its samples from there on are lost" in result.stderr
-    assert "1 damaged shard(s) lost their samples after the damage" in result.stderr  # the summary line
+    assert "1 damaged shard(s) lost their samples after the damage" in result.stdout  # the summary line
     assert all(json.loads(line)["damaged_shards"] == 1 for line in (run / "metrics.jsonl").read_text().splitlines())
     ckpt = save_random_checkpoint("kd-test-teacher", tmp_path / "teacher.pt", seed=1)
     built = cli("stage1_teacher.cli", "build", "--teacher", "kd-test-teacher", "--pretrained", ckpt, "--data", data,

@@ -29,8 +29,8 @@ from bench._common import REPO, parse_args, print_header, synthetic_index  # noq
 
 SHARD = 10_000
 CC12M = 11_000_000
-# --tiny: one corpus of 2000 samples, one single-process run per target kind, a small window and stores
-TINY = {"sizes": [2000], "ranks": [1], "dim": 64, "window_rows": 1024, "grad_batch": 256, "store_rows": 4096}
+# --tiny: one corpus of 500 samples, one single-process run per target kind, a small window and one-chunk stores
+TINY = {"sizes": [500], "ranks": [1], "dim": 64, "window_rows": 1024, "grad_batch": 256, "store_rows": 2048}
 
 
 def jpeg(seed: int) -> bytes:

@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import re
-from pathlib import Path
 from typing import Iterator
 
 import click

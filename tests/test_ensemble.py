@@ -35,11 +35,20 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def store(synth_corpus, ckpts, tmp_path_factory) -> Path:
+def main_only(synth_corpus, ckpts, tmp_path_factory) -> Path:
+    """Teacher a built alone (read-only: copy it to add to it)."""
+    out = tmp_path_factory.mktemp("ens") / "main.zarr"
+    build_cache(BuildOptions(teacher=TEACHER_A, pretrained=str(ckpts["a"]), data=str(synth_corpus / "train"),
+                             out=str(out), **BUILD))
+    return out
+
+
+@pytest.fixture(scope="module")
+def store(synth_corpus, ckpts, main_only, tmp_path_factory) -> Path:
     """Teacher a built, teacher b (another config and width) added, then 3 captions per image (random tiny CoCa)."""
     out = tmp_path_factory.mktemp("ens") / "two.zarr"
     data = str(synth_corpus / "train")
-    build_cache(BuildOptions(teacher=TEACHER_A, pretrained=str(ckpts["a"]), data=data, out=str(out), **BUILD))
+    shutil.copytree(main_only, out)
     build_cache(BuildOptions(teacher=TEACHER_B, pretrained=str(ckpts["b"]), data=data, out=str(out), name="b",
                              workers=0))
     build_captions(CaptionOptions(store=str(out), data=data, captioner=CAPTIONER, **CAPTIONS))
@@ -101,10 +110,10 @@ def test_an_interrupted_add_teacher_resumes_to_the_same_arrays(store, synth_corp
     assert CacheStore(str(copy)).teacher("b").teacher_group.attrs["captions"] == resumed.attrs["captions"]
 
 
-def test_add_teacher_and_captions_on_two_ranks_equal_one_process(store, synth_corpus, ckpts, tmp_path):
+def test_add_teacher_and_captions_on_two_ranks_equal_one_process(store, main_only, synth_corpus, ckpts, tmp_path):
     """torchrun splits add-teacher's windows and the captions' blocks across ranks: the same arrays as one process."""
     out, data = tmp_path / "ranks.zarr", str(synth_corpus / "train")
-    build_cache(BuildOptions(teacher=TEACHER_A, pretrained=str(ckpts["a"]), data=data, out=str(out), **BUILD))
+    shutil.copytree(main_only, out)
     torchrun("stage1_teacher.cli", "add-teacher", out, "--name", "b", "--teacher", TEACHER_B, "--pretrained",
              ckpts["b"], "--data", data, "--workers", "0")
     torchrun("stage1_teacher.cli", "captions", out, "--data", data, "--captioner", CAPTIONER, "--per-image",

@@ -18,6 +18,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from safetensors.torch import save_file
 
 from common.corpus import Corpus
+from common.synth import make_sample, write_shard
 from evaluation.compare import Entry
 from common.models import ModelError, create_clip, effective_config, tag_wants_quick_gelu, weights_fingerprint
 from tests.helpers import REPO, cli, fill_hf_cache, offline_hub_env, save_tiny_hf_tokenizer
@@ -142,18 +143,21 @@ def test_pretrained_tags_say_which_activation_open_clip_means():
     assert "quick_gelu" not in effective_config("ViT-B-16", None)
 
 
-def test_vit_b_16_openai_builds_the_quickgelu_model(synth_corpus, tmp_path):
+def test_vit_b_16_openai_builds_the_quickgelu_model(tmp_path):
     """The mission's command, offline: the tag's weights in the HF cache where open_clip looks for them. The store
     records quick_gelu and holds the QuickGELU model's embeddings (a GELU model with the same weights differs);
     verify rebuilds the same model from the provenance."""
     tag = open_clip.get_pretrained_cfg("ViT-B-16", "openai")
     torch.manual_seed(0)
-    weights = open_clip.create_model("ViT-B-16-quickgelu").state_dict()
+    quick = open_clip.create_model("ViT-B-16-quickgelu")
+    weights = quick.state_dict()
     hf_home = tmp_path / "hf"
     save_file(weights, tmp_path / "open_clip_model.safetensors")
     fill_hf_cache(hf_home, tag["hf_hub"].strip("/"), {"open_clip_model.safetensors":
                                                      tmp_path / "open_clip_model.safetensors"})
-    data = sorted((synth_corpus / "val").glob("*.tar"))[0]
+    # one batch of 8 val samples: a ViT-B-16 forward costs about a second a sample on CPU
+    data = write_shard(tmp_path / "val8" / "00000.tar", [make_sample(0, "val", i, f"{i:09d}", image_size=32)
+                                                         for i in range(8)])
     store = tmp_path / "openai.zarr"
     cli("stage1_teacher.cli", "build", "--teacher", "ViT-B-16", "--pretrained", "openai", "--data", data, "--out",
         store, "--batch-size", 8, "--grad-batch", 8, "--chunk-rows", 8, "--workers", 0, "--no-grads", "--dtype", "fp32",
@@ -164,7 +168,7 @@ def test_vit_b_16_openai_builds_the_quickgelu_model(synth_corpus, tmp_path):
     samples = list(Corpus.open(str(data)).read(0, 4))
     embeddings = {}
     for name in ("ViT-B-16-quickgelu", "ViT-B-16"):
-        model = open_clip.create_model(name)
+        model = quick if name == "ViT-B-16-quickgelu" else open_clip.create_model(name)
         model.load_state_dict(weights)
         preprocess = image_transform_v2(PreprocessCfg(**{k: tag[k] for k in ("mean", "std", "interpolation",
                                                                              "resize_mode")}), is_train=False)
@@ -173,7 +177,7 @@ def test_vit_b_16_openai_builds_the_quickgelu_model(synth_corpus, tmp_path):
                                                          normalize=True)
     gap = lambda a, b: float((a - b).abs().max())  # noqa: E731  (fp32 store: no rounding between them)
     assert gap(stored, embeddings["ViT-B-16-quickgelu"]) < 1e-5 < 1e-4 < gap(stored, embeddings["ViT-B-16"])
-    cli("stage1_teacher.cli", "verify", store, "--data", data, env=offline_hub_env(hf_home))
+    cli("stage1_teacher.cli", "verify", store, "--data", data, "--sample", 4, env=offline_hub_env(hf_home))
 
 
 def test_init_from_a_local_dir_model_of_the_same_architecture(tmp_path):

@@ -207,20 +207,6 @@ def test_remote_outputs_are_not_locked(tmp_path, caplog, monkeypatch):
     assert "--out s3://bucket/store.zarr is remote: not locked" in caplog.text
 
 
-def test_two_kd_train_on_one_out_one_is_refused(synth_corpus, tmp_path):
-    out = tmp_path / "run"
-    args = ["--out", str(out), *train_args(synth_corpus, "--losses", "task", "--steps", 1000, "--save-every", 1000)]
-    first = subprocess.Popen([sys.executable, "-m", "stage2_student.cli", *args], cwd=REPO,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_steps(first, out, 1)
-        second = cli("stage2_student.cli", *args, check=False)
-    finally:
-        first.send_signal(signal.SIGKILL)
-        first.wait()
-    assert second.returncode == 1 and f"pid {first.pid}" in second.stderr
-
-
 def test_a_signal_stop_is_reported_as_a_stop_with_exit_code_128_plus_signum():
     @click.command()
     def stopped():
@@ -329,16 +315,25 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_dataloader_workers_die_quietly_with_a_killed_run(synth_corpus, tmp_path):
+def test_two_kd_train_on_one_out_one_is_refused_and_workers_die_quietly_with_a_killed_run(synth_corpus, tmp_path):
+    """A second kd-train on a running one's --out is refused naming the first; then the first is SIGKILLed: its
+    DataLoader workers die with it. (One long run serves both checks.)"""
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "stage2_student.cli", "--out", str(out),
-                             *train_args(synth_corpus, "--losses", "task", "--steps", 1000, "--workers", 2)],
+    args = ["--out", str(out), *train_args(synth_corpus, "--losses", "task", "--steps", 1000, "--save-every", 1000,
+                                           "--workers", 2)]
+    proc = subprocess.Popen([sys.executable, "-m", "stage2_student.cli", *args],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for_steps(proc, out, 2)
-    workers = children_of(proc.pid)
-    assert len(workers) >= 2
-    proc.kill()
-    proc.wait()
+    try:
+        wait_for_steps(proc, out, 1)
+        second = cli("stage2_student.cli", *args, check=False)
+        assert second.returncode == 1 and f"pid {proc.pid}" in second.stderr
+        done = len(metrics(out))
+        wait_for_steps(proc, out, done + (2 - done) % 6)  # step 2 of an epoch (6 steps): its workers are up
+        workers = children_of(proc.pid)
+        assert len(workers) >= 2
+    finally:
+        proc.kill()
+        proc.wait()
     deadline = time.monotonic() + 1  # torch's own watchdog alone takes up to 5 s
     while any(map(alive, workers)) and time.monotonic() < deadline:
         time.sleep(0.05)

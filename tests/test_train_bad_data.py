@@ -33,11 +33,26 @@ def test_on_error_raise_names_the_sample_and_an_option_that_exists(tmp_path):
     assert "--on-error skip" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_on_error_skip_leaves_the_sample_out_and_counts_it(tmp_path):
-    data = broken_corpus(tmp_path / "data")
-    cli("stage2_student.cli", "--data", data, "--out", tmp_path / "run", "--student", STUDENT, "--losses", "task",
-        "--batch-size", "16", "--epochs", "1", "--workers", "0", "--log-every", "1", "--on-error", "skip")
-    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+SKIP_ARGS = ["--student", STUDENT, "--losses", "task", "--batch-size", "16", "--epochs", "1", "--workers", "0",
+             "--log-every", "1", "--on-error", "skip", "--warmup", "1"]
+
+
+@pytest.fixture(scope="module")
+def skip_run(tmp_path_factory) -> tuple:
+    """The broken corpus and one single-process `kd-train --on-error skip` epoch over it (read-only)."""
+    root = tmp_path_factory.mktemp("skip_run")
+    data = broken_corpus(root / "data")
+    cli("stage2_student.cli", "--data", data, "--out", root / "one", *SKIP_ARGS)
+    return data, root / "one"
+
+
+def read_metrics(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_on_error_skip_leaves_the_sample_out_and_counts_it(skip_run, tmp_path):
+    data, run = skip_run
+    metrics = read_metrics(run)
     assert len(metrics) == 4 and metrics[-1]["skipped_samples"] == 1  # one epoch: the sample was drawn once
     trainer = Trainer(TrainOptions(data=str(data), out=str(tmp_path / "direct"), student=STUDENT, losses="task",
                                    batch_size=16, epochs=1, workers=0, on_error="skip"))
@@ -49,16 +64,12 @@ def test_on_error_skip_leaves_the_sample_out_and_counts_it(tmp_path):
     assert batch["student_images"].shape[0] == 15
 
 
-def test_two_ranks_with_a_skipped_sample_give_the_single_process_losses(tmp_path):
+def test_two_ranks_with_a_skipped_sample_give_the_single_process_losses(skip_run, tmp_path):
     """A rank whose part of the batch lost a sample gathers fewer rows than the other: the global batch, and so
     every loss, is the single process's."""
-    data = broken_corpus(tmp_path / "data")
-    args = ["--data", data, "--student", STUDENT, "--losses", "task", "--batch-size", "16", "--epochs", "1",
-            "--workers", "0", "--log-every", "1", "--on-error", "skip", "--warmup", "1"]
-    cli("stage2_student.cli", "--out", tmp_path / "one", *args)
-    torchrun("stage2_student.cli", "--out", tmp_path / "two", *args)
-    read = lambda run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    one, two = read("one"), read("two")
+    data, single = skip_run
+    torchrun("stage2_student.cli", "--data", data, "--out", tmp_path / "two", *SKIP_ARGS)
+    one, two = read_metrics(single), read_metrics(tmp_path / "two")
     assert two[-1]["skipped_samples"] == 1
     assert [m["loss"] for m in one] == pytest.approx([m["loss"] for m in two], rel=1e-4)
 

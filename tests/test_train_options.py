@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import click
-import open_clip
 import pytest
 import torch
 from click.testing import CliRunner
@@ -28,6 +28,14 @@ STUDENT, TEACHER = "kd-test-student", "kd-test-teacher"
 def tiny_run(synth_corpus, *extra) -> list[str]:
     return ["--data", str(synth_corpus / "train"), "--student", STUDENT, "--losses", "task", "--batch-size", "32",
             "--steps", "2", "--workers", "0", "--log-every", "1", *map(str, extra)]
+
+
+@pytest.fixture(scope="module")
+def trained(synth_corpus, tmp_path_factory) -> tuple:
+    """One real `kd-train` of tiny_run (its --out folder and its process result), shared read-only: copy it to
+    change it."""
+    run = tmp_path_factory.mktemp("train_options") / "run"
+    return run, cli("stage2_student.cli", "--out", run, *tiny_run(synth_corpus))
 
 
 @pytest.mark.parametrize("command, args, option", [
@@ -113,9 +121,9 @@ def test_eval_needs_a_checkpoint_or_random_weights(synth_corpus):
     assert explicit.exit_code == 0, explicit.output
 
 
-def test_out_is_refused_unless_resume_or_overwrite(synth_corpus, tmp_path):
+def test_out_is_refused_unless_resume_or_overwrite(synth_corpus, trained, tmp_path):
     run = tmp_path / "run"
-    cli("stage2_student.cli", "--out", run, *tiny_run(synth_corpus))
+    shutil.copytree(trained[0], run)
     first = (run / "open_clip_model.safetensors").read_bytes()
     again = cli("stage2_student.cli", "--out", run, *tiny_run(synth_corpus, "--seed", 1), check=False)
     assert again.returncode == 1 and f"--out {run} holds a run" in again.stderr and "--overwrite" in again.stderr
@@ -149,14 +157,14 @@ def test_warmup_is_capped_to_a_tenth_of_the_run(synth_corpus, tmp_path, caplog):
     assert json.loads((tmp_path / "run" / "options.json").read_text())["warmup_steps"] == 2
 
 
-def test_summary_lines_of_kd_train_and_kd_cache_build(synth_corpus, tmp_path):
-    trained = cli("stage2_student.cli", "--out", tmp_path / "run", *tiny_run(synth_corpus))
-    summary = trained.stdout.strip()  # one readable line, the last of stdout; the numbers are in metrics.jsonl
-    loss = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
-    assert summary.startswith(f"kd-train: wrote {tmp_path / 'run'} (an open_clip hub folder: local-dir:"
-                              f"{tmp_path / 'run'}): step 2 of 2, loss {loss:.4f}; steps 1-2, 64 "
-                              f"samples in ") and "samples/s)" in summary and "{" not in summary
-    assert "Parsing model identifier" not in trained.stderr  # open_clip's own chatter stays quiet
+def test_summary_lines_of_kd_train_and_kd_cache_build(synth_corpus, trained, tmp_path):
+    run, result = trained
+    summary = result.stdout.strip()  # one readable line, the last of stdout; the numbers are in metrics.jsonl
+    loss = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
+    assert summary.startswith(f"kd-train: wrote {run} (an open_clip hub folder: local-dir:{run}): step 2 of 2, "
+                              f"loss {loss:.4f}; steps 1-2, 64 samples in ") and "samples/s)" in summary
+    assert "{" not in summary
+    assert "Parsing model identifier" not in result.stderr  # open_clip's own chatter stays quiet
     ckpt = save_random_checkpoint(TEACHER, tmp_path / "teacher.pt", seed=1)
     built = cli("stage1_teacher.cli", "build", "--teacher", TEACHER, "--pretrained", ckpt, "--data",
                 synth_corpus / "val", "--out", tmp_path / "s.zarr", "--batch-size", 16, "--grad-batch", 16,

@@ -52,7 +52,7 @@ def record_eval(folder: Path, result: dict, fingerprint: str) -> Path:
                          f"--model local-dir:{folder}")
     path = folder / EVAL_RESULTS_FILE
     results = _read_json(path, {})
-    results[f"{result['task']} {result['dataset']}"] = result
+    results[f"{result['task']} {result['dataset']}"] = result | {"weights": fingerprint}
     path.write_text(json.dumps(results, indent=2) + "\n")
     return write_model_card(folder)
 
@@ -116,7 +116,10 @@ def write_model_card(folder: Path) -> Path:
     provenance = _read_json(folder / PROVENANCE_FILE, None)
     if provenance is None:
         raise FileNotFoundError(f"{folder} holds no {PROVENANCE_FILE}: it is not a kd-train run folder")
-    options, evals = _read_json(folder / "options.json", {}), _read_json(folder / EVAL_RESULTS_FILE, {})
+    options = _read_json(folder / "options.json", {})
+    # results of earlier weights (the run was resumed and saved since) are not this student's: left off the card
+    evals = {key: r for key, r in _read_json(folder / EVAL_RESULTS_FILE, {}).items()
+             if r.get("weights") == provenance["student"]["fingerprint"]}
     metrics = folder / "metrics.jsonl"
     logged = metrics.read_text().splitlines() if metrics.is_file() else []
     last = json.loads(logged[-1]) if logged else {}

@@ -25,6 +25,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from common.corpus import Corpus
+from common.model_card import write_model_card
 from common.models import ModelError, create_clip, weights_fingerprint
 from stage2_student.reporting import parse_report_to
 from stage2_student.train import TrainOptions, Trainer
@@ -215,6 +216,11 @@ def test_model_card_holds_the_provenance_and_the_eval_numbers(synth_corpus, firs
     assert header["license"] == "mit"  # the user's license survives a new rendering
     tasks = {r["task"]["type"] for r in header["model-index"][0]["results"]}
     assert tasks == {"image-text-retrieval", "zero-shot-image-classification"}
+    provenance = json.loads((run / "provenance.json").read_text())  # as after a resumed run saved new weights
+    provenance["student"]["fingerprint"] = "0" * 64
+    (run / "provenance.json").write_text(json.dumps(provenance))
+    header, body = front_matter(write_model_card(run))
+    assert "model-index" not in header and "## Evaluation" not in body  # the results were of other weights
 
 
 def test_old_run_folders_and_student_pt_paths_get_a_clear_answer(first_run, tmp_path):

@@ -5,7 +5,7 @@
     tokenizer files              where the tokenizer is a Hugging Face one (`save_pretrained`)
 
 so that plain open_clip loads it with `create_model_and_transforms("local-dir:FOLDER")` and
-`get_tokenizer("local-dir:FOLDER")`, and `huggingface-cli upload ORG/REPO FOLDER` publishes it. Every file is
+`get_tokenizer("local-dir:FOLDER")`, and `hf upload ORG/REPO FOLDER` publishes it. Every file is
 written to a temporary name and renamed: a reader never sees half a file.
 """
 from __future__ import annotations
@@ -53,15 +53,6 @@ def save_tokenizer(tokenizer, folder: Path) -> None:
         tokenizer.save_pretrained(tmp)
         for written in Path(tmp).iterdir():
             os.replace(written, folder / written.name)
-
-
-def save_hub_folder(model: torch.nn.Module, model_config: dict, tokenizer, folder: Path,
-                    state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """Write `model` (or `state_dict` for it) as an open_clip hub folder."""
-    folder.mkdir(parents=True, exist_ok=True)
-    save_config(model, model_config, folder)
-    save_tokenizer(tokenizer, folder)
-    save_weights(model.state_dict() if state_dict is None else state_dict, folder / WEIGHTS_FILE)
 
 
 def is_hub_folder(folder: Path) -> bool:

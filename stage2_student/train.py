@@ -29,7 +29,8 @@ from common.cache import CAPTIONS, MAIN_TEACHER, CacheError, CacheStore, join_to
 from common.corpus import Corpus
 from common.defaults import DEFAULT_LOSSES
 from common.errors import Interrupted, NonFiniteError
-from common.hub_folder import HUB_FILES, TOKENIZER_FILES, WEIGHTS_FILE, save_config, save_tokenizer, save_weights
+from common.hub_folder import (HUB_FILES, TOKENIZER_FILES, WEIGHTS_FILE, save_config, save_tokenizer,
+                               save_weights)
 from common.lock import output_lock
 from common.storage import atomic_write, cache_dir
 from common.model_card import CARD_FILE, EVAL_RESULTS_FILE, PROVENANCE_FILE, write_model_card

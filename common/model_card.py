@@ -76,6 +76,27 @@ def _teacher_lines(teachers: dict) -> list[str]:
             + f", fingerprint `{t['fingerprint']}`" for name, t in teachers.items()]
 
 
+def _preprocess_line(preprocess: dict | None) -> str:
+    if not preprocess:
+        return "not recorded"
+    return ", ".join(f"{key.replace('_', ' ')} `{preprocess[key]}`" for key in
+                     ("size", "mean", "std", "interpolation", "resize_mode") if key in preprocess)
+
+
+def _locked_lines(options: dict) -> list[str]:
+    """The towers the run locked (open_clip's lock_image_tower / lock_text_tower), and its forced patch dropout."""
+    lines = []
+    for tower, unlocked, frozen_norms in (("image", "lock_image_unlocked_groups", "lock_image_freeze_bn_stats"),
+                                          ("text", "lock_text_unlocked_layers", "lock_text_freeze_layer_norm")):
+        if options.get(f"lock_{tower}"):
+            lines.append(f"- **{tower.capitalize()} tower locked** (LiT)"
+                         + (f" but its last {options[unlocked]} layer group(s)" if options.get(unlocked) else "")
+                         + (", its norms' statistics frozen" if options.get(frozen_norms) else ""))
+    if options.get("force_patch_dropout") is not None:
+        lines.append(f"- **Patch dropout while training:** {options['force_patch_dropout']}")
+    return lines
+
+
 def _body(name: str, provenance: dict, options: dict, last: dict, evals: dict) -> str:
     student, store, data = provenance.get("student", {}), provenance.get("store"), provenance.get("data", {})
     teachers = provenance.get("teachers", {})
@@ -94,7 +115,11 @@ def _body(name: str, provenance: dict, options: dict, last: dict, evals: dict) -
               f"- **Steps:** {last.get('step', 0)} of {provenance.get('total_steps')}, global batch "
               f"{options.get('batch_size')}, lr {options.get('lr')}, weight decay {options.get('wd')}, "
               f"warm-up {options.get('warmup_steps')}, seed {options.get('seed')}",
-              f"- **Initial weights:** `{options.get('init') or 'random (seeded)'}`", ""]
+              f"- **Optimiser:** AdamW (betas {options.get('beta1')}, {options.get('beta2')}, eps "
+              f"{options.get('eps')}), learning-rate schedule `{options.get('lr_scheduler', 'cosine')}`",
+              *_locked_lines(options),
+              f"- **Initial weights:** `{options.get('init') or 'random (seeded)'}`",
+              f"- **Student preprocessing (as trained):** {_preprocess_line(student.get('preprocess'))}", ""]
     if last:
         lines += [f"Last logged step {last['step']}: loss {last['loss']:.4f}.", ""]
     if evals:

@@ -247,20 +247,21 @@ def initialize_left_empty(model: torch.nn.Module) -> None:
             torch.nn.init.normal_(module.text_projection, std=module.width ** -0.5)
 
 
-def _open_clip_model(name: str, pretrained: str | None) -> torch.nn.Module:
+def _open_clip_model(name: str, pretrained: str | None, **overrides) -> torch.nn.Module:
     """The fp32 model on the CPU: from an open_clip pretrained tag, from a hub model's own weights, or random init
-    (seeded) + a local checkpoint."""
+    (seeded) + a local checkpoint. `overrides`: open_clip.create_model's force_* arguments."""
     if is_hub_model(name) and not pretrained:
         with torch.random.fork_rng():  # a hub folder without weights is a reproducible random init
             torch.manual_seed(0)
             try:
-                model = open_clip.create_model(name, device="cpu", weights_only=True, pretrained_text=False)
+                model = open_clip.create_model(name, device="cpu", weights_only=True, pretrained_text=False,
+                                               **overrides)
             except Exception as e:  # noqa: BLE001 - re-raised with what to do
                 raise ModelError(f"could not load {name}: {type(e).__name__}: {e}") from e
             initialize_left_empty(model)
     elif pretrained and is_hub_model(pretrained):
         # the weights of a hub model of the same architecture (kd-train --init local-dir:...)
-        model = _open_clip_model(name, None)
+        model = _open_clip_model(name, None, **overrides)
         source = _open_clip_model(_resolve_hub_model(pretrained), None)
         try:
             model.load_state_dict(source.state_dict())
@@ -271,7 +272,7 @@ def _open_clip_model(name: str, pretrained: str | None) -> torch.nn.Module:
         # an open_clip tag: open_clip resolves (and may download) it
         try:
             model = open_clip.create_model(name, pretrained=pretrained, device="cpu", weights_only=True,
-                                           force_quick_gelu=tag_wants_quick_gelu(name, pretrained))
+                                           force_quick_gelu=tag_wants_quick_gelu(name, pretrained), **overrides)
         except Exception as e:  # noqa: BLE001 - re-raised with what to do
             raise ModelError(
                 f"could not load pretrained {pretrained!r} for {name}: {e}. Offline, pass a local checkpoint "
@@ -280,7 +281,8 @@ def _open_clip_model(name: str, pretrained: str | None) -> torch.nn.Module:
         # a random-init model is reproducible (its fingerprint identifies it)
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            model = open_clip.create_model(name, device="cpu", load_weights=False, pretrained_text=False)
+            model = open_clip.create_model(name, device="cpu", load_weights=False, pretrained_text=False,
+                                           **overrides)
             initialize_left_empty(model)
         if pretrained:
             load_weights(model, pretrained)
@@ -297,13 +299,16 @@ def _tokenizer(name: str) -> Callable:
                          f"local-dir: folder") from e
 
 
-def create_clip(name_or_config: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> LoadedCLIP:
-    """Build an open_clip model (fp32) with its eval preprocessing and tokenizer, and fingerprint its weights."""
+def create_clip(name_or_config: str, pretrained: str | None = None, device: str | torch.device = "cpu",
+                **overrides) -> LoadedCLIP:
+    """Build an open_clip model (fp32) with its eval preprocessing and tokenizer, and fingerprint its weights.
+    `overrides`: open_clip.create_model's force_* arguments, as open_clip_train passes its --force-patch-dropout and
+    --image-* options (force_patch_dropout, force_preprocess_cfg); `config` stays the model's own."""
     name = resolve_model_name(name_or_config)
     if pretrained and is_hub_model(pretrained):
         pretrained = _resolve_hub_model(pretrained)  # recorded as another process resolves it
     with quiet_open_clip():
-        model, tokenizer = _open_clip_model(name, pretrained), _tokenizer(name)
+        model, tokenizer = _open_clip_model(name, pretrained, **overrides), _tokenizer(name)
     model.to(device).eval()  # inference mode (BatchNorm running stats, no dropout); a trainer sets train()
     preprocess_cfg = dict(model.visual.preprocess_cfg)
     preprocess = image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=False)

@@ -16,7 +16,7 @@ import shutil
 import time
 import uuid
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,6 @@ from tqdm import tqdm
 from common import dist
 from common.cache import CAPTIONS, MAIN_TEACHER, CacheError, CacheStore, join_to_cache
 from common.corpus import Corpus
-from common.defaults import DEFAULT_LOSSES
 from common.errors import Interrupted, NonFiniteError
 from common.hub_folder import (HUB_FILES, TOKENIZER_FILES, WEIGHTS_FILE, save_config, save_tokenizer,
                                save_weights)
@@ -38,6 +37,9 @@ from common.models import (LEGACY_RUN_WEIGHTS, LoadedCLIP, clip_from_provenance,
                            named_weights, weights_fingerprint)
 from stage2_student.data import CaptionPolicy, Renderer, TrainBatches, ViewPolicy, shuffled_rows
 from stage2_student.losses import LossSet, loss_classes, teacher_needs_of
+from stage2_student.optim import adamw_settings, capped_warmup, cooldown_steps, lr_schedule, param_groups
+from stage2_student.options import RESUMABLE_CHANGES, TRAJECTORY_OPTIONS, TrainOptions, flag
+from stage2_student.prepare import create_student
 from stage2_student.reporting import TENSORBOARD_DIR, Reporters, parse_report_to
 from stage2_student.student import Student, check_models_serve_losses, loss_dims
 from stage2_student.targets import TargetProvider, uncacheable
@@ -50,80 +52,12 @@ _POOLED_TEACHER = ("image_emb", "text_emb", "image_grad", "text_grad")
 # student.pt is the weights file of runs written before the hub layout (removed at a resumed run's first save)
 RUN_FILES = (*HUB_FILES, *TOKENIZER_FILES, CARD_FILE, PROVENANCE_FILE, EVAL_RESULTS_FILE, "resume.pt",
              "metrics.jsonl", "options.json", "lost_samples.json", LEGACY_RUN_WEIGHTS)
-MAX_WARMUP_FRACTION = 0.1  # a longer warm-up would spend the run at a near-zero learning rate
-# options compared on --resume (with the world size, the resolved precision and the live teachers' weights)
-TRAJECTORY_OPTIONS = ("data", "student", "cache", "losses", "teacher_targets", "teacher", "teachers",
-                      "synthetic_captions", "batch_size", "epochs", "steps", "lr", "wd", "warmup", "grad_clip",
-                      "augment", "batching", "seed", "shuffle_buffer", "init")
-# options a --resume may change: they do not change the numbers (options.json records from which step they applied)
-RESUMABLE_CHANGES = ("teacher_pretrained", "on_error", "device", "workers", "log_every", "save_every",
-                     "target_memory_gb", "report_to", "wandb_project_name", "name")
-
-
-@dataclass
-class TrainOptions:
-    data: str
-    out: str
-    student: str
-    cache: str | None = None
-    losses: str = DEFAULT_LOSSES
-    teacher_targets: str = "auto"
-    teacher: str | None = None  # only without a cache: live teacher for --teacher-targets live
-    teacher_pretrained: str | None = None  # PATH, or NAME=PATH,... for the live teachers whose weights moved
-    teachers: str | None = None  # the store's teachers to learn from: NAME,NAME or 'all' (default: its build's)
-    synthetic_captions: float = 0.0  # probability that a sample shows one of the store's synthetic captions
-    batch_size: int = 256  # global
-    on_error: str = "raise"  # or "skip": an unreadable sample leaves its batch, counted in metrics.jsonl
-    epochs: int = 1
-    steps: int | None = None  # overrides epochs
-    lr: float = 1e-3
-    wd: float = 0.1
-    warmup: int = 10000
-    grad_clip: float | None = None
-    augment: bool = False
-    batching: str = "shuffle"  # or "cache": replay the build's gradient batches
-    precision: str = "auto"  # auto | fp32 | bf16
-    device: str = "cpu"
-    workers: int = 2
-    seed: int = 0
-    shuffle_buffer: int = 1000
-    log_every: int = 10
-    save_every: int = 500
-    resume: bool = False
-    overwrite: bool = False
-    init: str | None = None
-    target_memory_gb: float | None = None  # cached targets above this are read chunk-aware (default: half the RAM)
-    report_to: str | None = None  # tensorboard,wandb (open_clip_train's names)
-    wandb_project_name: str = "clip-kd"
-    name: str | None = None  # the W&B run's name (default: the --out folder's name)
-
-    def check(self) -> None:
-        if self.batching not in ("shuffle", "cache"):
-            raise ValueError(f"--batching {self.batching!r}: choose shuffle or cache")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"--precision {self.precision!r}: choose auto, fp32 or bf16")
-        if self.batch_size < 2:
-            raise ValueError("--batch-size must be >= 2: contrastive losses need negatives")
-        if self.resume and self.overwrite:
-            raise ValueError("--resume continues the run in --out, --overwrite replaces it: give one of them")
-        parse_report_to(self.report_to)
 
 
 def option_name(field: str) -> str:
     """How a person knows a compared option: its flag, or what the run derived it from."""
     derived = {"world": "the torchrun world size", "teacher_weights": "the live teachers' weights (fingerprints)"}
-    return derived.get(field, "--" + field.replace("_", "-"))
-
-
-def param_groups(modules: list[torch.nn.Module], wd: float) -> list[dict]:
-    """open_clip's rule: no weight decay on gains, biases, embeddings' scales (1-D params) and logit scales."""
-    decay, no_decay = [], []
-    for module in modules:
-        for name, p in module.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim < 2 or "logit_scale" in name or name.endswith(".bias") else decay).append(p)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": wd}]
+    return derived.get(field) or flag(field)
 
 
 def upgrade_single_teacher_resume(state: dict, per_teacher_losses: frozenset[str]) -> dict:
@@ -149,15 +83,6 @@ def upgrade_single_teacher_resume(state: dict, per_teacher_losses: frozenset[str
     }
 
 
-def warmup_cosine(warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return factor
-
-
 def gather_fields(obj, names):
     for name in names:
         value = getattr(obj, name)
@@ -176,14 +101,6 @@ def set_rng_state(state: dict) -> None:
     random.setstate((3, tuple(state["python"]), None))
     np_state = np.random.get_state()
     np.random.set_state((np_state[0], np.array(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
-
-
-def capped_warmup(warmup: int, total_steps: int) -> int:
-    cap = max(1, int(MAX_WARMUP_FRACTION * total_steps))
-    if warmup > cap:
-        log.warning("--warmup %d is more than %d%% of the %d steps: warming up for %d steps instead", warmup,
-                    round(100 * MAX_WARMUP_FRACTION), total_steps, cap)
-    return min(warmup, cap)
 
 
 def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
@@ -248,75 +165,10 @@ class Trainer:
 
         # everything that can be wrong is checked before any training work
         started = time.perf_counter()
-        self.cache = CacheStore(opts.cache) if opts.cache else None
-        self.corpus = Corpus.open(opts.data, on_error=opts.on_error, known=[self.cache.index()] if self.cache else [])
-        self.skipped_samples = 0  # unreadable samples left out of their batches (all ranks)
-        self.student_clip = create_clip(opts.student, opts.init, device=self.device)
-        self.stores = self.teacher_stores()  # teacher name -> the store seen from that teacher
-        configs = ({name: store.attrs["teacher"]["config"] for name, store in self.stores.items()} if self.cache
-                   else {MAIN_TEACHER: model_config(opts.teacher) if opts.teacher else None})
-        classes = loss_classes(opts.losses)
-        needs = teacher_needs_of(classes.values())
-        optional = frozenset().union(*(cls.teacher_optional for cls in classes.values()))
-        if needs and self.cache is None and not (opts.teacher and opts.teacher_targets == "live"):
-            raise CacheError(f"--losses {opts.losses} needs teacher targets ({', '.join(sorted(needs))}): "
-                             f"give --cache STORE (or --teacher-targets live with --teacher)")
-        self.cache_rows = join_to_cache(self.corpus, self.cache) if self.cache else None
-        usable = np.ones(self.corpus.num_samples, bool)
-        if self.cache is not None:
-            usable = self.cache.load("valid")[self.cache_rows]
-        self.skipped_invalid = int((~usable).sum())
-        self.digests = None  # the store's sample digests: a sample read with other bytes is refused or skipped
-        if self.cache is not None and self.cache.has("sample_crc32c"):
-            self.digests = self.cache.load("sample_crc32c")
-        elif self.cache is not None and self.rank == 0:
-            log.warning("cache %s predates sample digests: a shard whose content changed under the same name, size "
-                        "and keys goes unnoticed; rebuild the cache to get them", opts.cache)
-        self.usable = usable
-        boxes = flips = None
-        if self.cache is not None and self.cache.views and opts.augment:
-            boxes, flips = self.cache.load("view_boxes"), self.cache.load("view_flips")
-        self.views = ViewPolicy(opts.augment, opts.seed, boxes, flips)
-        self.captions = self.caption_policy()
-        live_needed = needs and (opts.teacher_targets == "live" or bool(uncacheable(needs))
-                                 or (opts.augment and not self.views.stored_views))
-        if opts.teacher_targets == "cache" and live_needed:
-            why = (f"losses need {sorted(uncacheable(needs))}, which a cache does not hold" if uncacheable(needs)
-                   else "--augment needs stored views, and the cache stores none (build it with --views K)")
-            raise CacheError(f"--teacher-targets cache: {why}; use --teacher-targets auto to run the teacher live")
-        self.teachers = self.live_teachers() if live_needed else {}
-        self.loss_set = LossSet(opts.losses, {
-            name: loss_dims(self.student_clip, self.teachers.get(name), c["embed_dim"] if c else None)
-            for name, c in configs.items()})
-        sigmoid = ({name: store.teacher_logit_bias is not None for name, store in self.stores.items()} if self.cache
-                   else {name: t.logit_bias is not None for name, t in self.teachers.items()})
-        check_models_serve_losses(self.loss_set, self.student_clip, self.teachers, sigmoid)
-        for name in (name for name, weight in self.loss_set.weights.items() if weight == 0):
-            log.warning("--losses %s: %s has weight 0, so it adds nothing to the loss but is still computed (its "
-                        "teacher targets read): drop it, or give it a weight", opts.losses, name)
-        budget = (opts.target_memory_gb * 2**30 if opts.target_memory_gb is not None  # per node
-                  else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2)
-        self.targets = {name: TargetProvider(opts.teacher_targets, needs, optional, self.stores.get(name),
-                                             self.teachers.get(name), grad_batches=opts.batching == "cache",
-                                             memory_budget=int(budget) // len(configs), name=name,
-                                             captions=bool(opts.synthetic_captions))
-                        for name in configs}
-        self.student = Student(self.student_clip, {name: c["embed_dim"] if c else None
-                                                   for name, c in configs.items()}).to(self.device)
-        self.loss_set.to(self.device)
-        self.student_needs = self.loss_set.student_needs
-        # the loss that reads the masked view says how much to mask
-        self.mask_ratio = next((cls.mask_ratio for cls in self.loss_set.classes.values()
-                                if "masked_image_emb_proj" in cls.student_needs), 0.0)
-        self._batches: tuple[int, np.ndarray] | None = None
-        self.steps_per_epoch = len(self.epoch_batches(0))
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"--batch-size {opts.batch_size} is larger than the {int(usable.sum())} usable samples")
-        self.total_steps = opts.steps or opts.epochs * self.steps_per_epoch
-        self.warmup = capped_warmup(opts.warmup, self.total_steps)
-        self.optimizer = torch.optim.AdamW(param_groups([self.student, self.loss_set], opts.wd), lr=opts.lr,
-                                           betas=(0.9, 0.98), eps=1e-6)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(self.warmup, self.total_steps))
+        self.build_data()
+        self.build_models()
+        self.build_targets()
+        self.build_optimizer()
         self.autocast_dtype = torch.bfloat16 if (opts.precision == "bf16" or (
             opts.precision == "auto" and self.device.startswith("cuda") and torch.cuda.is_bf16_supported())) else None
         self.step = self.saved_step = 0
@@ -324,6 +176,100 @@ class Trainer:
         self.claim_out()
         log.info("rank %d ready in %.2f s (corpus index, cache join, targets, models; imports not counted)",
                  self.rank, time.perf_counter() - started)
+
+    def build_data(self) -> None:
+        """The corpus joined to the cache (its usable rows, sample digests, stored views) and the cache's teachers
+        and synthetic captions."""
+        opts = self.opts
+        self.cache = CacheStore(opts.cache) if opts.cache else None
+        self.corpus = Corpus.open(opts.data, on_error=opts.on_error, known=[self.cache.index()] if self.cache else [])
+        self.skipped_samples = 0  # unreadable samples left out of their batches (all ranks)
+        self.stores = self.teacher_stores()  # teacher name -> the store seen from that teacher
+        self.cache_rows = join_to_cache(self.corpus, self.cache) if self.cache else None
+        self.usable = np.ones(self.corpus.num_samples, bool)
+        if self.cache is not None:
+            self.usable = self.cache.load("valid")[self.cache_rows]
+        self.skipped_invalid = int((~self.usable).sum())
+        self.digests = None  # the store's sample digests: a sample read with other bytes is refused or skipped
+        if self.cache is not None and self.cache.has("sample_crc32c"):
+            self.digests = self.cache.load("sample_crc32c")
+        elif self.cache is not None and self.rank == 0:
+            log.warning("cache %s predates sample digests: a shard whose content changed under the same name, size "
+                        "and keys goes unnoticed; rebuild the cache to get them", opts.cache)
+        boxes = flips = None
+        if self.cache is not None and self.cache.views and opts.augment:
+            boxes, flips = self.cache.load("view_boxes"), self.cache.load("view_flips")
+        self.views = ViewPolicy(opts.augment, opts.seed, boxes, flips)
+        self.captions = self.caption_policy()
+
+    def build_models(self) -> None:
+        """The student (locked towers and preprocessing as the options say), the live teachers the losses need,
+        the losses, and the checks that every model serves them."""
+        opts = self.opts
+        self.student_clip = create_student(opts, self.device)
+        # teacher name -> its model config (from the store; without one, the live --teacher's)
+        self.teacher_configs = ({name: store.attrs["teacher"]["config"] for name, store in self.stores.items()}
+                                if self.cache else {MAIN_TEACHER: model_config(opts.teacher) if opts.teacher else None})
+        classes = loss_classes(opts.losses)
+        self.needs = teacher_needs_of(classes.values())
+        self.optional = frozenset().union(*(cls.teacher_optional for cls in classes.values()))
+        if self.needs and self.cache is None and not (opts.teacher and opts.teacher_targets == "live"):
+            raise CacheError(f"--losses {opts.losses} needs teacher targets ({', '.join(sorted(self.needs))}): "
+                             f"give --cache STORE (or --teacher-targets live with --teacher)")
+        live_needed = self.needs and (opts.teacher_targets == "live" or bool(uncacheable(self.needs))
+                                      or (opts.augment and not self.views.stored_views))
+        if opts.teacher_targets == "cache" and live_needed:
+            why = (f"losses need {sorted(uncacheable(self.needs))}, which a cache does not hold"
+                   if uncacheable(self.needs)
+                   else "--augment needs stored views, and the cache stores none (build it with --views K)")
+            raise CacheError(f"--teacher-targets cache: {why}; use --teacher-targets auto to run the teacher live")
+        self.teachers = self.live_teachers() if live_needed else {}
+        self.loss_set = LossSet(opts.losses, {
+            name: loss_dims(self.student_clip, self.teachers.get(name), c["embed_dim"] if c else None)
+            for name, c in self.teacher_configs.items()})
+        sigmoid = ({name: store.teacher_logit_bias is not None for name, store in self.stores.items()} if self.cache
+                   else {name: t.logit_bias is not None for name, t in self.teachers.items()})
+        check_models_serve_losses(self.loss_set, self.student_clip, self.teachers, sigmoid)
+        for name in (name for name, weight in self.loss_set.weights.items() if weight == 0):
+            log.warning("--losses %s: %s has weight 0, so it adds nothing to the loss but is still computed (its "
+                        "teacher targets read): drop it, or give it a weight", opts.losses, name)
+        self.student = Student(self.student_clip, {name: c["embed_dim"] if c else None
+                                                   for name, c in self.teacher_configs.items()}).to(self.device)
+        self.loss_set.to(self.device)
+        self.student_needs = self.loss_set.student_needs
+        # the loss that reads the masked view says how much to mask
+        self.mask_ratio = next((cls.mask_ratio for cls in self.loss_set.classes.values()
+                                if "masked_image_emb_proj" in cls.student_needs), 0.0)
+
+    def build_targets(self) -> None:
+        """One target provider per teacher: cached targets within --target-memory-gb, the live teacher otherwise."""
+        opts = self.opts
+        budget = (opts.target_memory_gb * 2**30 if opts.target_memory_gb is not None  # per node
+                  else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2)
+        self.targets = {name: TargetProvider(opts.teacher_targets, self.needs, self.optional, self.stores.get(name),
+                                             self.teachers.get(name), grad_batches=opts.batching == "cache",
+                                             memory_budget=int(budget) // len(self.teacher_configs), name=name,
+                                             captions=bool(opts.synthetic_captions))
+                        for name in self.teacher_configs}
+
+    def build_optimizer(self) -> None:
+        """The run's length, AdamW over the trainable parameters and the learning-rate schedule."""
+        opts = self.opts
+        self._batches: tuple[int, np.ndarray] | None = None
+        self.steps_per_epoch = len(self.epoch_batches(0))
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"--batch-size {opts.batch_size} is larger than the {int(self.usable.sum())} usable "
+                             f"samples")
+        self.total_steps = opts.steps or opts.epochs * self.steps_per_epoch
+        self.warmup = capped_warmup(opts.warmup, self.total_steps)
+        self.cooldown = cooldown_steps(opts.epochs_cooldown, opts.steps_cooldown, self.steps_per_epoch,
+                                       self.total_steps, self.warmup)
+        self.adamw = adamw_settings(self.student.info.image, opts.beta1, opts.beta2, opts.eps)  # beta1, beta2, eps
+        self.optimizer = torch.optim.AdamW(param_groups([self.student, self.loss_set], opts.wd), lr=opts.lr,
+                                           betas=self.adamw[:2], eps=self.adamw[2])
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(
+            opts.lr_scheduler, self.warmup, self.total_steps, self.cooldown, opts.lr_cooldown_power,
+            opts.lr_cooldown_end / opts.lr))
 
     def teacher_stores(self) -> dict[str, CacheStore]:
         """--teachers: the store's teachers to learn from (default its build's teacher; 'all': every one)."""
@@ -517,6 +463,7 @@ class Trainer:
         provenance = {
             "student": {"model": self.student_clip.name, "init": self.opts.init, "step": self.step,
                         "parameters": sum(t.numel() for t in state.values()),
+                        "preprocess": self.student_clip.preprocess_cfg,
                         "fingerprint": weights_fingerprint(self.student.clip)},
             "teachers": {name: {k: t.get(k) for k in ("model", "pretrained", "fingerprint", "open_clip_version")}
                          for name, t in teachers.items()},
@@ -528,19 +475,31 @@ class Trainer:
         }
         (self.out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
 
+    def adamw_options(self) -> dict:
+        """--beta1, --beta2, --eps as this run resolved them (given, or its student's defaults)."""
+        return dict(zip(("beta1", "beta2", "eps"), self.adamw))
+
     def resume_options(self) -> dict:
         """What must not change across --resume: every option that shapes the run's numbers (the others, in
-        RESUMABLE_CHANGES, may change and are recorded in options.json from the step they applied)."""
-        return {k: getattr(self.opts, k) for k in TRAJECTORY_OPTIONS} | {
-            "world": self.world, "precision": "bf16" if self.autocast_dtype is not None else "fp32",
+        RESUMABLE_CHANGES, may change and are recorded in options.json from the step they applied), in JSON's
+        types (an --image-mean tuple as the list it is stored as)."""
+        options = {k: getattr(self.opts, k) for k in TRAJECTORY_OPTIONS} | self.adamw_options() | {
+            "precision": "bf16" if self.autocast_dtype is not None else "fp32", "world": self.world,
             "teacher_weights": {name: t.fingerprint for name, t in self.teachers.items()}}
+        return json.loads(json.dumps(options))
 
     def load_resume(self) -> tuple[int, int]:
         path = self.out / "resume.pt"
         state = upgrade_single_teacher_resume(torch.load(path, map_location="cpu", weights_only=True),
                                               self.loss_set.per_teacher_losses)
         stored, current = json.loads(state["options"]), self.resume_options()
-        unrecorded = [k for k in current if k not in stored]  # a resume.pt written before they were compared
+        # a resume.pt written before an option existed ran as its default does, AdamW as its optimizer state says
+        # (the precision is compared as resolved: not known from its default)
+        adamw = state["optimizer"]["param_groups"][0]
+        stored = {f.name: f.default for f in fields(TrainOptions) if f.name in TRAJECTORY_OPTIONS and
+                  f.default is not MISSING and f.name != "precision"} | {
+            "beta1": adamw["betas"][0], "beta2": adamw["betas"][1], "eps": adamw["eps"]} | stored
+        unrecorded = [k for k in current if k not in stored]  # derived values written before they were compared
         if unrecorded:
             log.warning("--resume: %s does not record %s (written before they were compared): assuming they did "
                         "not change", path, ", ".join(option_name(k) for k in unrecorded))
@@ -599,7 +558,8 @@ class Trainer:
     def recorded_options(self) -> dict:
         """options.json: the options the run started with; a --resume that changes one of RESUMABLE_CHANGES
         appends {"from_step": N, option: value} to its "changes"."""
-        options = asdict(self.opts) | {"warmup_steps": self.warmup}
+        options = asdict(self.opts) | self.adamw_options() | {"warmup_steps": self.warmup,
+                                                              "cooldown_steps": self.cooldown}
         path = self.out / "options.json"
         if not (self.opts.resume and path.is_file()):
             return options | {"run_id": uuid.uuid4().hex[:12]}  # names the run for W&B across its resumes

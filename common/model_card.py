@@ -86,12 +86,13 @@ def _preprocess_line(preprocess: dict | None) -> str:
 def _locked_lines(options: dict) -> list[str]:
     """The towers the run locked (open_clip's lock_image_tower / lock_text_tower), and its forced patch dropout."""
     lines = []
-    for tower, unlocked, frozen_norms in (("image", "lock_image_unlocked_groups", "lock_image_freeze_bn_stats"),
-                                          ("text", "lock_text_unlocked_layers", "lock_text_freeze_layer_norm")):
+    for tower, unlocked, norms in (("image", "lock_image_unlocked_groups", "lock_image_freeze_bn_stats"),
+                                   ("text", "lock_text_unlocked_layers", "lock_text_freeze_layer_norm")):
         if options.get(f"lock_{tower}"):
             lines.append(f"- **{tower.capitalize()} tower locked** (LiT)"
                          + (f" but its last {options[unlocked]} layer group(s)" if options.get(unlocked) else "")
-                         + (", its norms' statistics frozen" if options.get(frozen_norms) else ""))
+                         + (f", {'BatchNorm statistics' if tower == 'image' else 'LayerNorms'} frozen too"
+                            if options.get(norms) else ""))
     if options.get("force_patch_dropout") is not None:
         lines.append(f"- **Patch dropout while training:** {options['force_patch_dropout']}")
     return lines

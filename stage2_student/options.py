@@ -190,7 +190,7 @@ RESUMABLE_CHANGES = tuple(f.name for f in fields(TrainOptions) if f.metadata["po
 def click_kwargs(f: dataclasses.Field) -> dict:
     """click.option's arguments for a TrainOptions field."""
     meta = f.metadata
-    kwargs = {"help": meta["help"], "callback": meta["callback"], "nargs": meta["nargs"], "metavar": meta["metavar"]}
+    kwargs = {k: meta[k] for k in ("help", "callback", "nargs", "metavar") if meta[k] is not None}
     if f.default is MISSING:
         kwargs["required"] = True
     else:
@@ -202,7 +202,7 @@ def click_kwargs(f: dataclasses.Field) -> dict:
         kwargs["type"] = click.Choice(meta["choices"])
     elif meta["type"] is not None:
         kwargs["type"] = meta["type"]
-    return {k: v for k, v in kwargs.items() if v is not None}
+    return kwargs
 
 
 def click_options(command):

@@ -167,6 +167,7 @@ class Trainer:
         started = time.perf_counter()
         self.build_data()
         self.build_models()
+        self.build_losses()
         self.build_targets()
         self.build_optimizer()
         self.autocast_dtype = torch.bfloat16 if (opts.precision == "bf16" or (
@@ -203,8 +204,7 @@ class Trainer:
         self.captions = self.caption_policy()
 
     def build_models(self) -> None:
-        """The student (locked towers and preprocessing as the options say), the live teachers the losses need,
-        the losses, and the checks that every model serves them."""
+        """The student (locked towers and preprocessing as the options say) and the live teachers the losses need."""
         opts = self.opts
         self.student_clip = create_student(opts, self.device)
         # teacher name -> its model config (from the store; without one, the live --teacher's)
@@ -224,6 +224,11 @@ class Trainer:
                    else "--augment needs stored views, and the cache stores none (build it with --views K)")
             raise CacheError(f"--teacher-targets cache: {why}; use --teacher-targets auto to run the teacher live")
         self.teachers = self.live_teachers() if live_needed else {}
+
+    def build_losses(self) -> None:
+        """The losses and the student with its projections into each teacher's space (their learnable parts
+        initialised in this order), checked to be served by every model."""
+        opts = self.opts
         self.loss_set = LossSet(opts.losses, {
             name: loss_dims(self.student_clip, self.teachers.get(name), c["embed_dim"] if c else None)
             for name, c in self.teacher_configs.items()})

@@ -74,7 +74,8 @@ class TrainOptions:
     epochs: int = option(TRAJECTORY, 1, type=POSITIVE)
     steps: int | None = option(TRAJECTORY, None, "train this many steps instead of --epochs", type=POSITIVE)
     lr: float = option(TRAJECTORY, 1e-3, type=POSITIVE_FLOAT)
-    beta1: float | None = option(TRAJECTORY, None, "AdamW beta1 [default: 0.9]", type=FiniteFloatRange(0, 1, max_open=True))
+    beta1: float | None = option(TRAJECTORY, None, "AdamW beta1 [default: 0.9]",
+                                 type=FiniteFloatRange(0, 1, max_open=True))
     beta2: float | None = option(TRAJECTORY, None, "AdamW beta2 [default: 0.98 for a vision transformer student, "
                                                    "0.999 for other image towers (ResNets, ConvNeXts, hybrids), as "
                                                    "open_clip_train]", type=FiniteFloatRange(0, 1, max_open=True))

@@ -12,7 +12,8 @@ import open_clip
 import torch
 import zarr
 
-from common.models import initialize_left_empty  # importing common.models registers the kd-* configs
+import common.models  # noqa: F401 - registers the kd-* configs with open_clip
+from common.families import initialize_left_empty
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -2,6 +2,7 @@
 counts it, and moves no other sample."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -10,7 +11,10 @@ import tarfile
 import numpy as np
 import pytest
 
+from common.cache import CacheStore
+from common.corpus import Corpus, CorpusError
 from common.synth import make_sample, write_shard
+from evaluation.encode import cache_split
 from stage1_teacher.build import BuildOptions, build_cache
 from stage2_student.train import Trainer, TrainOptions
 from tests.helpers import cli, save_random_checkpoint, torchrun
@@ -101,6 +105,47 @@ def test_a_truncated_shard_under_skip_counts_what_it_lost(tmp_path):
                 "--workers", 0, "--on-error", "skip")
     assert f"shard {damaged} is damaged at byte {damaged.stat().st_size}" in built.stderr
     assert "1 damaged shard(s) lost their samples after the damage (corpus_errors)" in built.stderr
+
+
+def whole_samples_before(shard_bytes: bytes, cut: int) -> int:
+    """Samples of a tar whose every member (data padded to its 512-byte block) lies before byte `cut`."""
+    ends: dict[str, int] = {}
+    with tarfile.open(fileobj=io.BytesIO(shard_bytes)) as tar:
+        for member in tar:
+            key = member.name.split(".", 1)[0]
+            ends[key] = max(ends.get(key, 0), member.offset_data + -(-member.size // 512) * 512)
+    return sum(end <= cut for end in ends.values())
+
+
+def test_a_shard_truncated_after_the_build_trains_on_what_the_cache_knows_it_kept(tmp_path):
+    data = good_shards(tmp_path / "data", 3, 32)
+    store = tmp_path / "s.zarr"
+    ckpt = save_random_checkpoint("kd-test-teacher", tmp_path / "teacher.pt", seed=1)
+    build_cache(BuildOptions(teacher="kd-test-teacher", pretrained=str(ckpt), data=str(data), out=str(store),
+                             batch_size=16, grad_batch=16, chunk_rows=16, workers=0))
+    damaged = data / "00001.tar"
+    intact_bytes = damaged.read_bytes()
+    cut = len(intact_bytes) // 2 + 700  # inside a sample: its first members are there, not the rest
+    damaged.write_bytes(intact_bytes[:cut])
+    kept = whole_samples_before(intact_bytes, cut)
+    assert 0 < kept < 32
+    opts = dict(cache=str(store), data=str(data), student=STUDENT, losses="task,fd", batch_size=16, epochs=1,
+                workers=0, log_every=1, warmup=1)
+    with pytest.raises(CorpusError, match=rf"shard {re.escape(str(damaged))}: truncated.*--on-error skip"):
+        Trainer(TrainOptions(out=str(tmp_path / "raise"), **opts))
+    trainer = Trainer(TrainOptions(out=str(tmp_path / "skip"), on_error="skip", **opts))
+    trainer.run()
+    lost = json.loads((tmp_path / "skip" / "lost_samples.json").read_text())
+    assert [(x["shard"], x["samples_before"], x["samples_lost"]) for x in lost] == [(str(damaged), kept, 32 - kept)]
+    assert f"1 damaged shard(s) lost {32 - kept} samples after the damage, 0 unreadable" in trainer.summary
+    trained = np.unique(trainer.epoch_batches(0))
+    assert trainer.usable.sum() == 64 + kept and set(trained) <= set(np.flatnonzero(trainer.usable))
+    assert trainer.corpus.counts[1] == kept + 1 and 32 + kept not in trained  # the sample the cut went through
+    metrics = read_metrics(tmp_path / "skip")
+    assert len(metrics) == (64 + kept) // 16 and metrics[-1]["skipped_samples"] == 0
+    # evaluation from the cache keeps the same samples
+    corpus = Corpus.open(str(data), on_error="skip", known=[CacheStore(str(store)).index()])
+    assert cache_split(CacheStore(str(store)), corpus, on_error="skip").image_emb.shape[0] == 64 + kept
 
 
 def reverse_captions_in_place(shard) -> None:

@@ -141,10 +141,12 @@ def print_table(headers: list[str], rows: list[list], title: str = "") -> None:
 
 
 def model_summary(clip) -> str:
-    """'name: 2.1M params, 48 px, embed 128' for a common.models.LoadedCLIP."""
+    """'name: 2.1M params, 48 px, embed 128' for a common.models.LoadedCLIP ('48x64 px' for other images)."""
+    from common.families import image_size
     params = sum(p.numel() for p in clip.model.parameters())
-    return (f"{clip.name}: {params / 1e6:.1f}M params, {clip.config['vision_cfg']['image_size']} px, "
-            f"embed {clip.embed_dim}")
+    height, width = image_size(clip.model)
+    pixels = height if height == width else f"{height}x{width}"
+    return f"{clip.name}: {params / 1e6:.1f}M params, {pixels} px, embed {clip.embed_dim}"
 
 
 def write_json(path: str | None, results: dict) -> None:

@@ -16,6 +16,7 @@ import torch
 
 import _common as C  # noqa: N812 - also puts the repo on sys.path
 from common.captioner import caption_images
+from common.families import caption_image_tokens, image_size
 from common.models import create_clip
 
 
@@ -39,13 +40,11 @@ def main() -> None:
     header = C.start("synthetic captions: seconds per caption", args)
     captioner = create_clip(args.captioner, device=args.device)
     print(C.model_summary(captioner))
-    size = captioner.preprocess_cfg["size"]
-    size = size if isinstance(size, int) else size[-1]
-    images = torch.randn(args.images, 3, size, size, generator=torch.Generator().manual_seed(0))
+    images = torch.randn(args.images, 3, *image_size(captioner.model), generator=torch.Generator().manual_seed(0))
 
     def encode():
         with torch.inference_mode():
-            captioner.model._encode_image(images.to(args.device))
+            caption_image_tokens(captioner.model, images.to(args.device))
 
     grid = [(num, seq_len) for num in args.nums for seq_len in args.seq_lens]
     variants = {"image tower": encode} | {

@@ -345,7 +345,9 @@ def dequantize(stored: np.ndarray) -> np.ndarray:
 
 
 def join_to_cache(corpus: Corpus, cache: CacheStore) -> np.ndarray:
-    """Cache row of every corpus row, by shard identity (name, size, count) and keys; refuses other data."""
+    """Cache row of every corpus row, by shard identity (name, size, count) and keys; refuses other data. A shard
+    damaged since the build (kept with --on-error skip) joins by the keys of the samples before the damage, which
+    must be the first of the store's."""
     stored = cache.index()
     where = {name: i for i, name in enumerate(stored.names)}
     rows = np.empty(corpus.num_samples, dtype=np.int64)
@@ -359,16 +361,40 @@ def join_to_cache(corpus: Corpus, cache: CacheStore) -> np.ndarray:
         if i is None:
             raise CacheError(f"shard {url} is not in the cache. {built}, or build a cache for this data")
         count, size = int(mine.counts[shard]), int(mine.sizes[shard])
-        if count != stored.counts[i] or size != stored.sizes[i]:
+        damaged = bool(mine.errors[shard])
+        if count > stored.counts[i] or not damaged and (count != stored.counts[i] or size != stored.sizes[i]):
             raise CacheError(f"shard {url} is not the {name} the cache holds ({count} samples / {size} bytes, the "
                              f"cache's {stored.counts[i]} / {stored.sizes[i]}). {built}; rebuild the cache only "
                              f"if its shards changed since")
         (a_bytes, a_len), (b_bytes, b_len) = mine.shard_key_bytes(shard), stored.shard_key_bytes(i)
+        b_len = b_len[:count]  # a damaged shard: the store's first samples (all of them otherwise)
+        b_bytes = b_bytes[:int(b_len.sum())]
         if not (np.array_equal(a_len, b_len) and np.array_equal(a_bytes, b_bytes)):
             raise CacheError(f"shard {url}: its keys are not those of the {name} the cache holds. {built}; rebuild "
                              f"the cache only if its shards changed since")
         rows[start:start + count] = np.arange(stored.first_rows[i], stored.first_rows[i] + count)
     return rows
+
+
+def damage_in_cache(corpus: Corpus, cache: CacheStore, rows: np.ndarray) -> tuple[list[dict], np.ndarray]:
+    """What each shard damaged since the build (kept with --on-error skip) lost, counted exactly: the store's index
+    still holds every sample of it. Returns `Corpus.lost`'s entries with `samples_before` the samples whose bytes
+    are all there and `samples_lost` the rest of the store's (None for a shard the store was built from damaged:
+    it does not know either), and which corpus rows are intact (False for a sample the damage cuts through).
+    `rows`: `join_to_cache`'s."""
+    stored, mine = cache.index(), corpus.index
+    intact = np.ones(corpus.num_samples, dtype=bool)
+    lost = []
+    for entry, shard in zip(corpus.lost, (s for s, error in enumerate(mine.errors) if error)):
+        own = np.arange(mine.first_rows[shard], mine.first_rows[shard] + mine.counts[shard])
+        (begins, ends), (stored_begins, stored_ends) = mine.spans(own), stored.spans(rows[own])
+        # a sample is whole where its span is the store's and lies inside the file (the bytes are checked on read)
+        whole = (begins == stored_begins) & (ends == stored_ends) & (ends <= mine.sizes[shard])
+        intact[own] = whole
+        i = stored.names.index(mine.names[shard])
+        lost.append(entry | {"samples_before": int(whole.sum()),
+                             "samples_lost": None if stored.errors[i] else int(stored.counts[i] - whole.sum())})
+    return lost, intact
 
 
 class ChunkedRows:

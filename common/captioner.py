@@ -11,11 +11,10 @@ type). Written out, it needs no transformers and draws from its own seeded gener
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from common.families import is_captioner
+from common.families import (caption_context_length, caption_image_tokens, caption_pad_id, is_captioner,
+                             next_token_logits)
 from common.models import LoadedCLIP
 
 TOP_P = 0.9  # the nucleus: the smallest set of tokens holding 90% of the probability mass
@@ -33,17 +32,6 @@ def _nucleus_sample(logits: torch.Tensor, generator: torch.Generator) -> torch.T
     return order.gather(-1, choice)
 
 
-@contextlib.contextmanager
-def _last_position_only(decoder: torch.nn.Module):
-    """Generation reads only the last position's logits: project only it. The (rows, length, vocab) projection of
-    every position would be most of a step's cost (vocab 49408), and grows with the caption."""
-    handle = decoder.ln_final.register_forward_pre_hook(lambda module, args: (args[0][:, -1:],))
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def caption_images(captioner: LoadedCLIP, images: torch.Tensor, num: int, seed: int,
                    seq_len: int | None = None) -> list[list[str]]:
     """`num` sampled captions for each image (preprocessed, (B, 3, H, W)), as plain strings.
@@ -56,25 +44,24 @@ def caption_images(captioner: LoadedCLIP, images: torch.Tensor, num: int, seed: 
     if not is_captioner(model):
         raise ValueError(f"{captioner.name} is a {type(model).__name__}, not a captioner: synthetic captions need an "
                          f"open_clip CoCa (a model config with multimodal_cfg, e.g. kd-demo-coca)")
-    context = model.context_length
+    context = caption_context_length(model)
     seq_len = context if seq_len is None else seq_len
     if not MIN_TOKENS + 2 <= seq_len <= context:
         raise ValueError(f"seq_len {seq_len}: give {MIN_TOKENS + 2} to {captioner.name}'s context length {context}")
     tokenizer, device = captioner.tokenizer, next(model.parameters()).device
-    sot, eot, pad = tokenizer.sot_token_id, tokenizer.eot_token_id, model.pad_id
+    sot, eot, pad = tokenizer.sot_token_id, tokenizer.eot_token_id, caption_pad_id(model)
     generator = torch.Generator(device).manual_seed(seed)
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), captioner.autocast(), _last_position_only(model.text_decoder):
+        with torch.inference_mode(), captioner.autocast():
             # each image encoded once; image i's captions are rows i*num .. i*num+num-1
-            image_latent, image_embs = (t.repeat_interleave(num, dim=0) for t in model._encode_image(images.to(device)))
-            out = torch.full((len(image_latent), 1), sot, dtype=torch.long, device=device)
-            done = torch.zeros(len(image_latent), dtype=torch.bool, device=device)
+            image_tokens = caption_image_tokens(model, images.to(device)).repeat_interleave(num, dim=0)
+            out = torch.full((len(image_tokens), 1), sot, dtype=torch.long, device=device)
+            done = torch.zeros(len(image_tokens), dtype=torch.bool, device=device)
             while not done.all() and out.shape[1] < seq_len:
                 live = torch.nonzero(~done).flatten()  # finished captions leave the batch: no more forwards
-                logits = model(None, out[live], image_latent=image_latent[live],
-                               image_embs=image_embs[live], output_labels=False)["logits"][:, -1]
+                logits = next_token_logits(model, image_tokens[live], out[live])
                 if not torch.isfinite(logits).all():
                     rows = live[~torch.isfinite(logits).all(-1)][:4].tolist()
                     raise ValueError(f"{captioner.name}: non-finite next-token logits at token {out.shape[1]} for "
@@ -83,7 +70,7 @@ def caption_images(captioner: LoadedCLIP, images: torch.Tensor, num: int, seed: 
                 logits[:, pad] = -torch.inf  # the padding id ends nothing: training never asks for it
                 if out.shape[1] <= MIN_TOKENS:
                     logits[:, eot] = -torch.inf
-                token = torch.full((len(image_latent),), pad, dtype=torch.long, device=device)
+                token = torch.full((len(image_tokens),), pad, dtype=torch.long, device=device)
                 token[live] = _nucleus_sample(logits, generator).squeeze(1)
                 if out.shape[1] + 1 == seq_len:
                     token[live] = eot

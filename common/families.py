@@ -1,7 +1,8 @@
 """Model families: what each open_clip tower exposes to distillation, read through the libraries' own APIs.
 
-This is the one module that knows open_clip's and timm's model internals; the student, the live teacher, the
-losses' sizes and the build ask it. Per tower type:
+This is the one module that knows open_clip's and timm's model internals (submodules, private methods, config
+keys); the student, the live teacher, the losses' sizes, the build, the captioner, the model factory and the
+benchmarks ask it (tests/test_model_internals.py fails on such a read anywhere else). Per tower type:
 
 | tower | hidden states (DLIP) | token map (TokenFD) | attention maps | masked view (MFD) |
 |---|---|---|---|---|
@@ -27,7 +28,7 @@ from open_clip import CoCa
 from open_clip.hf_model import HFTextEncoder
 from open_clip.modified_resnet import ModifiedResNet
 from open_clip.timm_model import TimmModel
-from open_clip.transformer import PatchDropout, TextTransformer, VisionTransformer
+from open_clip.transformer import MultimodalTransformer, PatchDropout, TextTransformer, VisionTransformer
 
 
 # what `forward_features` can return; pooled embeddings are raw (not L2-normalised); "caption_logits" (CoCa
@@ -228,8 +229,22 @@ def masked_image_emb(model, images: torch.Tensor, mask_ratio: float, info: Model
 
 
 def image_size(model) -> tuple[int, int]:
+    """(height, width) of the images the image tower takes."""
     size = model.visual.image_size
     return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def initialize_left_empty(model: torch.nn.Module) -> None:
+    """Give a value to the parameters open_clip creates with `torch.empty` and never initializes.
+
+    open_clip 3.3's CoCa text decoder (`MultimodalTransformer`) has `text_projection = torch.empty(...)`; its
+    `init_parameters` is never called (and could not run: it reads `self.transformer`, open_clip issue #554). A
+    random-init CoCa therefore projects to the vocabulary with whatever the allocator handed back: zeros in a fresh
+    process, earlier tensors' values (NaN included) in a long-lived one. Use the init that method means to give.
+    """
+    for module in model.modules():
+        if isinstance(module, MultimodalTransformer) and module.text_projection is not None:
+            torch.nn.init.normal_(module.text_projection, std=module.width ** -0.5)
 
 
 @torch.no_grad()
@@ -272,6 +287,39 @@ def check_serves(info: ModelInfo, features: frozenset[str], model_name: str, rol
                              f"{loss_name!r} from --losses or use a {role} that has them")
 
 
+def caption_context_length(model) -> int:
+    """Tokens a CoCa's text decoder reads, start and end markers included: the longest caption it writes."""
+    return int(model.context_length)
+
+
+def caption_pad_id(model) -> int:
+    """The token id a CoCa pads captions with (its caption loss ignores it)."""
+    return int(model.pad_id)
+
+
+def caption_image_tokens(model, images: torch.Tensor) -> torch.Tensor:
+    """The image token embeddings a CoCa's text decoder attends to (B, N, W): one image tower forward."""
+    return model._encode_image(images)[1]
+
+
+@contextlib.contextmanager
+def _last_position_only(decoder: MultimodalTransformer):
+    """Project only the last position to the vocabulary: the (rows, length, vocab) projection of every position
+    would be most of a generation step's cost (vocab 49408), and grows with the caption."""
+    handle = decoder.ln_final.register_forward_pre_hook(lambda module, args: (args[0][:, -1:],))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def next_token_logits(model, image_tokens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """A CoCa decoder's logits (B, vocab) for the token after `tokens` (B, L), given `caption_image_tokens`."""
+    _, token_embs = model._encode_text(tokens)
+    with _last_position_only(model.text_decoder):
+        return model.text_decoder(image_tokens, token_embs)[:, -1]
+
+
 def _caption_forward(model, images: torch.Tensor, tokens: torch.Tensor) -> dict:
     """The CoCa's embeddings and its teacher-forced next-token logits, each tower run once.
 
@@ -281,11 +329,12 @@ def _caption_forward(model, images: torch.Tensor, tokens: torch.Tensor) -> dict:
     image_emb, image_embs = model._encode_image(images, normalize=False)
     text_emb, token_embs = model._encode_text(tokens, normalize=False)
     positions = torch.arange(1, tokens.shape[1] + 1, device=tokens.device)
-    length = int(((tokens != model.pad_id) * positions).max())  # the last non-padding token, over the batch
+    pad = caption_pad_id(model)
+    length = int(((tokens != pad) * positions).max())  # the last non-padding token, over the batch
     labels = tokens[:, 1:length]
     return {"image_emb": image_emb, "text_emb": text_emb,
             "caption_logits": model.text_decoder(image_embs, token_embs[:, :length - 1]),
-            "caption_labels": labels.masked_fill(labels == model.pad_id, IGNORED_LABEL)}
+            "caption_labels": labels.masked_fill(labels == pad, IGNORED_LABEL)}
 
 
 def forward_features(model, images: torch.Tensor | None, tokens: torch.Tensor | None, wanted: frozenset[str],

@@ -32,11 +32,10 @@ from typing import Callable
 
 import open_clip
 from open_clip.transform import PreprocessCfg, image_transform_v2
-from open_clip.transformer import MultimodalTransformer
 import torch
 
 from common.defaults import is_hub_model
-from common.families import ModelInfo, describe
+from common.families import ModelInfo, describe, initialize_left_empty
 from common.hub_folder import CONFIG_FILE, WEIGHTS_FILE, is_hub_folder
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -234,19 +233,6 @@ class LoadedCLIP:
         }
 
 
-def initialize_left_empty(model: torch.nn.Module) -> None:
-    """Give a value to the parameters open_clip creates with `torch.empty` and never initializes.
-
-    open_clip 3.3's CoCa text decoder (`MultimodalTransformer`) has `text_projection = torch.empty(...)`; its
-    `init_parameters` is never called (and could not run: it reads `self.transformer`, open_clip issue #554). A
-    random-init CoCa therefore projects to the vocabulary with whatever the allocator handed back: zeros in a fresh
-    process, earlier tensors' values (NaN included) in a long-lived one. Use the init that method means to give.
-    """
-    for module in model.modules():
-        if isinstance(module, MultimodalTransformer) and module.text_projection is not None:
-            torch.nn.init.normal_(module.text_projection, std=module.width ** -0.5)
-
-
 def _open_clip_model(name: str, pretrained: str | None, **overrides) -> torch.nn.Module:
     """The fp32 model on the CPU: from an open_clip pretrained tag, from a hub model's own weights, or random init
     (seeded) + a local checkpoint. `overrides`: open_clip.create_model's force_* arguments."""
@@ -310,7 +296,7 @@ def create_clip(name_or_config: str, pretrained: str | None = None, device: str 
     with quiet_open_clip():
         model, tokenizer = _open_clip_model(name, pretrained, **overrides), _tokenizer(name)
     model.to(device).eval()  # inference mode (BatchNorm running stats, no dropout); a trainer sets train()
-    preprocess_cfg = dict(model.visual.preprocess_cfg)
+    preprocess_cfg = dict(open_clip.get_model_preprocess_cfg(model))
     preprocess = image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=False)
     return LoadedCLIP(
         name=name,

@@ -33,6 +33,7 @@ from common.cache import (CAPTIONS, CHUNK_ROWS, COMPLETE_KEYS, DTYPES, FORMAT_VE
                           teacher_group)
 from common.contrastive import contrastive_loss_grads
 from common.corpus import Corpus
+from common.families import image_size
 from common.models import LoadedCLIP, create_clip
 from common.storage import exists, join, remove_tree
 from stage1_teacher.captions import embed_captions
@@ -117,8 +118,7 @@ def check_fits_in_memory(opts: BuildOptions, teacher: LoadedCLIP, num_rows: int)
     allocate them, or swap): per rank, a window's embeddings (float32, stored and gradient copies), its
     gradient-batch chunk (int64 per nominal window row) and the rendered image batches in flight."""
     views, dim = 1 + opts.views, teacher.embed_dim
-    size = teacher.config["vision_cfg"].get("image_size", 224)
-    pixels = size * size if isinstance(size, int) else math.prod(size)
+    pixels = math.prod(image_size(teacher.model))
     window_rows = opts.blocks_per_window * opts.chunk_rows
     held_rows = min(window_rows, num_rows)
     batches_in_flight = opts.workers * 4 + 1  # the loader's prefetch_factor per worker, and the one being encoded

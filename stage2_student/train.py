@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from common import dist
-from common.cache import CAPTIONS, MAIN_TEACHER, CacheError, CacheStore, join_to_cache
+from common.cache import CAPTIONS, MAIN_TEACHER, CacheError, CacheStore, damage_in_cache, join_to_cache
 from common.corpus import Corpus
 from common.errors import Interrupted, NonFiniteError
 from common.hub_folder import (HUB_FILES, TOKENIZER_FILES, WEIGHTS_FILE, save_config, save_tokenizer,
@@ -188,8 +188,11 @@ class Trainer:
         self.stores = self.teacher_stores()  # teacher name -> the store seen from that teacher
         self.cache_rows = join_to_cache(self.corpus, self.cache) if self.cache else None
         self.usable = np.ones(self.corpus.num_samples, bool)
+        self.lost = self.corpus.lost  # damaged shards (lost_samples.json); a cache counts their lost samples
         if self.cache is not None:
             self.usable = self.cache.load("valid")[self.cache_rows]
+            self.lost, intact = self.counted_losses()
+            self.usable &= intact
         self.skipped_invalid = int((~self.usable).sum())
         self.digests = None  # the store's sample digests: a sample read with other bytes is refused or skipped
         if self.cache is not None and self.cache.has("sample_crc32c"):
@@ -276,6 +279,15 @@ class Trainer:
             opts.lr_scheduler, self.warmup, self.total_steps, self.cooldown, opts.lr_cooldown_power,
             opts.lr_cooldown_end / opts.lr))
 
+    def counted_losses(self) -> tuple[list[dict], np.ndarray]:
+        """`damage_in_cache`, each damaged shard's exact loss warned about (rank 0)."""
+        lost, intact = damage_in_cache(self.corpus, self.cache, self.cache_rows)
+        for shard in (x for x in lost if x["samples_lost"] is not None and self.rank == 0):
+            log.warning("shard %s: the cache holds %d samples of it, %d are intact before the damage: %d lost",
+                        shard["shard"], shard["samples_before"] + shard["samples_lost"], shard["samples_before"],
+                        shard["samples_lost"])
+        return lost, intact
+
     def teacher_stores(self) -> dict[str, CacheStore]:
         """--teachers: the store's teachers to learn from (default its build's teacher; 'all': every one)."""
         spec = self.opts.teachers
@@ -348,7 +360,7 @@ class Trainer:
                 raise ValueError(f"--batching cache: --batch-size must equal the cache's --grad-batch "
                                  f"({grad_batches.shape[1]}), got {bs}")
             corpus_row = np.full(self.cache.num_rows + 1, -1, dtype=np.int64)  # cache row -> corpus row; -1 -> -1
-            corpus_row[self.cache_rows] = np.arange(len(self.cache_rows))
+            corpus_row[self.cache_rows] = np.where(self.usable, np.arange(len(self.cache_rows)), -1)
             mapped = corpus_row[grad_batches]
             full = mapped[(mapped >= 0).all(axis=1)]
             return full[np.random.default_rng([self.opts.seed, epoch]).permutation(len(full))]
@@ -530,16 +542,20 @@ class Trainer:
             last = self.loop(signals)
             seconds = time.perf_counter() - started
             samples = (self.step - first_step) * self.opts.batch_size
-            lost = self.corpus.lost
             loss = f", loss {last['loss']:.4f}" if "loss" in last else ""  # no step left: a finished run resumed
-            damage = (f"; {len(lost)} damaged shard(s) lost their samples after the damage, {self.skipped_samples} "
-                      f"unreadable sample(s) skipped (lost_samples.json)" if lost else "")
+            damage = (f"; {len(self.lost)} damaged shard(s) lost {self.lost_count()} after the damage, "
+                      f"{self.skipped_samples} unreadable sample(s) skipped (lost_samples.json)" if self.lost else "")
             self.summary = (f"kd-train: wrote {self.out} (an open_clip hub folder: local-dir:{self.out}): step "
                             f"{self.step} of {self.total_steps}{loss}; steps {first_step + 1}-{self.step}, {samples} "
                             f"samples in {seconds:.1f} s "
                             f"({samples / seconds if seconds else 0.0:.1f} samples/s){damage}; metrics.jsonl holds "
                             f"every logged step")
         return last
+
+    def lost_count(self) -> str:
+        """'31 samples' where the cache counted every damaged shard's loss, else 'their samples' (unknown)."""
+        counts = [x.get("samples_lost") for x in self.lost]
+        return "their samples" if None in counts else f"{sum(counts)} samples"
 
     def start_files(self) -> Path:
         """metrics.jsonl (without steps a resumed run redoes), options.json, and the student's open_clip config
@@ -554,8 +570,8 @@ class Trainer:
             save_config(self.student.clip, self.student_clip.config, self.out)
             save_tokenizer(self.student_clip.tokenizer, self.out)
             lost_path = self.out / "lost_samples.json"
-            if self.corpus.lost:
-                lost_path.write_text(json.dumps(self.corpus.lost, indent=2))
+            if self.lost:
+                lost_path.write_text(json.dumps(self.lost, indent=2))
             else:
                 lost_path.unlink(missing_ok=True)
         return metrics_path

@@ -1,4 +1,6 @@
-"""Shared fixtures: a small synthetic corpus, generated once per test session."""
+"""Shared fixtures, made once per test session (per xdist worker): a small synthetic corpus, a teacher checkpoint,
+the teacher's stores over the train split, a real S3 endpoint. Treat them as read-only (copy a store to damage
+it)."""
 from __future__ import annotations
 
 import os
@@ -12,6 +14,8 @@ import fsspec
 import pytest
 
 from common.synth import generate_corpus
+from stage1_teacher.build import BuildOptions, build_cache
+from tests.helpers import STORE_OPTIONS, STORE_TEACHER, save_random_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +27,30 @@ def synth_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     generate_corpus(root, {"train": 192, "val": 48, "zeroshot": 48},
                     shard_size={"train": 64, "val": 24, "zeroshot": 24}, seed=0, image_size=32)
     return root
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seeded random-init kd-test-teacher checkpoint (stands in for pretrained weights)."""
+    return save_random_checkpoint(STORE_TEACHER, tmp_path_factory.mktemp("teacher") / "teacher.pt", seed=123)
+
+
+def _train_store(synth_corpus: Path, teacher_ckpt: Path, out: Path, views: int) -> Path:
+    build_cache(BuildOptions(teacher=STORE_TEACHER, pretrained=str(teacher_ckpt), data=str(synth_corpus / "train"),
+                             out=str(out), views=views, **STORE_OPTIONS))
+    return out
+
+
+@pytest.fixture(scope="session")
+def train_store(synth_corpus, teacher_ckpt, tmp_path_factory) -> Path:
+    """`teacher_ckpt`'s store over the train split (STORE_OPTIONS, no views)."""
+    return _train_store(synth_corpus, teacher_ckpt, tmp_path_factory.mktemp("stores") / "train.zarr", views=0)
+
+
+@pytest.fixture(scope="session")
+def views_store(synth_corpus, teacher_ckpt, tmp_path_factory) -> Path:
+    """The same with 2 augmented views per sample (`--views 2`)."""
+    return _train_store(synth_corpus, teacher_ckpt, tmp_path_factory.mktemp("stores") / "views.zarr", views=2)
 
 
 @pytest.fixture(scope="session", autouse=True)

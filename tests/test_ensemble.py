@@ -19,7 +19,7 @@ from stage1_teacher.captions import CaptionOptions, build_captions
 from stage1_teacher.inspect import store_summary
 from stage2_student.losses import LOSSES, StudentOutputs, TeacherTargets
 from stage2_student.train import Trainer
-from tests.helpers import assert_stores_equal, cli, save_random_checkpoint, torchrun
+from tests.helpers import assert_stores_equal, invoke, save_random_checkpoint, torchrun
 from tests.test_stage2 import options
 
 TEACHER_A, TEACHER_B, CAPTIONER = "kd-test-teacher", "kd-test-student", "kd-test-coca"
@@ -186,14 +186,14 @@ def test_bad_teacher_and_caption_options_fail_before_training(store, synth_corpu
 
 def test_cli_lists_teachers_verifies_each_and_finds_an_added_teacher_complete(store, synth_corpus, tmp_path):
     data = str(synth_corpus / "train")
-    again = cli("stage1_teacher.cli", "add-teacher", str(store), "--name", "b", "--teacher", TEACHER_B,
-                "--pretrained", str(zarr.open_group(str(store), mode="r")["teachers/b"].attrs["teacher"]["pretrained"]),
-                "--data", data, "--workers", "0")
+    pretrained = zarr.open_group(str(store), mode="r")["teachers/b"].attrs["teacher"]["pretrained"]
+    again = invoke("stage1_teacher.cli", "add-teacher", str(store), "--name", "b", "--teacher", TEACHER_B,
+                   "--pretrained", str(pretrained), "--data", data, "--workers", "0")
     assert "teacher b is already complete" in again.stderr
-    verified = cli("stage1_teacher.cli", "verify", str(store), "--data", data, "--sample", "4")
+    verified = invoke("stage1_teacher.cli", "verify", str(store), "--data", data, "--sample", "4")
     assert "[b] image embeddings: 4 rows" in verified.stdout and "[main] integrity" in verified.stdout
     assert verified.stdout.strip().endswith("OK")
-    evaluated = cli("evaluation.cli", "retrieval", "--cache", str(store), "--cache-teacher", "b", "--data", data,
-                    "--output", str(tmp_path / "b.json"))
+    evaluated = invoke("evaluation.cli", "retrieval", "--cache", str(store), "--cache-teacher", "b", "--data", data,
+                       "--output", str(tmp_path / "b.json"))
     assert "192 images" in evaluated.stdout
     assert json.loads((tmp_path / "b.json").read_text())["model"] == "kd-test-student"  # teacher b's embeddings

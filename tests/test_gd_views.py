@@ -14,20 +14,14 @@ import zarr
 
 from common.contrastive import clip_loss_grads
 from stage2_student.train import Trainer, TrainOptions
-from tests.helpers import cli, save_random_checkpoint
 
-TEACHER, STUDENT = "kd-test-teacher", "kd-test-student"
+STUDENT = "kd-test-student"
 
 
 @pytest.fixture(scope="module")
-def store_with_views(synth_corpus, tmp_path_factory) -> Path:
-    """A real `kd-cache build --views 2` store over the train split, gradient batches of 32."""
-    root = tmp_path_factory.mktemp("gd_views")
-    ckpt = save_random_checkpoint(TEACHER, root / "teacher.pt", seed=3)
-    cli("stage1_teacher.cli", "build", "--teacher", TEACHER, "--pretrained", ckpt, "--data", synth_corpus / "train",
-        "--out", root / "views.zarr", "--views", 2, "--batch-size", 32, "--grad-batch", 32, "--chunk-rows", 64,
-        "--window-blocks", 1, "--workers", 0)
-    return root / "views.zarr"
+def store_with_views(views_store) -> Path:
+    """conftest's real `--views 2` store over the train split, gradient batches of 32."""
+    return views_store
 
 
 def trainer(corpus: Path, store: Path, out: Path, augment: bool) -> Trainer:

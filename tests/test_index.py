@@ -17,7 +17,7 @@ from common.index import scan_shard, sidecar_url
 from common.storage import stat_many
 from common.synth import make_sample, write_shard
 from stage1_teacher.build import BuildOptions, build_cache
-from tests.helpers import cli, plain_keys, save_random_checkpoint
+from tests.helpers import invoke, plain_keys, save_random_checkpoint
 
 TEACHER = "kd-test-teacher"
 
@@ -181,11 +181,12 @@ def test_a_damaged_or_unchecked_sidecar_is_rebuilt_with_a_warning(shards, tmp_pa
     Corpus.open(str(shards))
     sidecar = sidecar_url(expand_spec(str(shards)))
     damage(sidecar)
-    result = cli("stage2_student.cli", "--data", shards, "--out", tmp_path / "run", "--student", "kd-test-student",
-                 "--losses", "task", "--batch-size", "16", "--steps", "1", "--workers", "0", check=False)
+    result = invoke("stage2_student.cli", "--data", shards, "--out", tmp_path / "run", "--student", "kd-test-student",
+                    "--losses", "task", "--batch-size", "16", "--steps", "1", "--workers", "0", check=False)
     assert result.returncode == 0, result.stderr[-2000:]  # no healthy shard is blamed
     assert f"corpus index sidecar {sidecar} is damaged or unreadable" in result.stderr and said in result.stderr
     assert "indexing its shards again" in result.stderr and "indexed 3 of 3 shards" in result.stderr
+    caplog.clear()  # the run's own records (it runs in this process)
     caplog.set_level(logging.INFO)
     Corpus.open(str(shards))
     assert indexed_shards(caplog) == 0 and "sidecar" not in caplog.text  # rewritten, intact

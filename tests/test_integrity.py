@@ -24,21 +24,15 @@ from common.errors import Interrupted, NonFiniteError, reported_errors, user_mes
 from common.lock import OutputLocked, lock_path, output_lock
 from common.storage import as_disk_full
 from common.synth import make_sample, write_shard
-from stage1_teacher.build import BuildOptions, build_cache
 from stage2_student.train import Trainer, TrainOptions
-from tests.helpers import REPO, cli, save_random_checkpoint
+from tests.helpers import REPO, cli, invoke
 
 TEACHER, STUDENT = "kd-test-teacher", "kd-test-student"
 
 
 @pytest.fixture(scope="module")
-def cache(synth_corpus, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("integrity")
-    ckpt = save_random_checkpoint(TEACHER, root / "teacher.pt", seed=5)
-    out = root / "clean.zarr"
-    build_cache(BuildOptions(teacher=TEACHER, pretrained=str(ckpt), data=str(synth_corpus / "train"), out=str(out),
-                             batch_size=32, grad_batch=32, chunk_rows=64, workers=0))
-    return out
+def cache(train_store) -> Path:
+    return train_store  # conftest's, shared
 
 
 def train_args(synth_corpus: Path, *extra) -> list[str]:
@@ -59,7 +53,7 @@ def wait_for_steps(proc: subprocess.Popen, out: Path, steps: int) -> None:
 def test_sigterm_saves_and_resume_reproduces_the_run(synth_corpus, cache, tmp_path):
     args = train_args(synth_corpus, "--cache", cache, "--losses", "task,fd,icl,crd", "--steps", 12, "--warmup", 2,
                       "--save-every", 1000)
-    cli("stage2_student.cli", "--out", tmp_path / "straight", *args)
+    invoke("stage2_student.cli", "--out", tmp_path / "straight", *args)
     out = tmp_path / "stopped"
     proc = subprocess.Popen([sys.executable, "-m", "stage2_student.cli", "--out", str(out), *args], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -76,7 +70,7 @@ def test_sigterm_saves_and_resume_reproduces_the_run(synth_corpus, cache, tmp_pa
     write_as_before_ensembles(before_ensembles / "resume.pt")
     straight = metrics(tmp_path / "straight")
     for stopped in (out, before_ensembles):
-        cli("stage2_student.cli", "--out", stopped, "--resume", *args)
+        invoke("stage2_student.cli", "--out", stopped, "--resume", *args)
         resumed = metrics(stopped)
         assert [m["step"] for m in resumed] == list(range(1, 13))
         for a, b in zip(straight, resumed):
@@ -114,8 +108,8 @@ def test_each_epoch_end_is_saved(synth_corpus, tmp_path):
 def test_non_finite_loss_stops_naming_step_and_terms(synth_corpus, tmp_path):
     """lr 1e30: finite but huge weights after step 1, so step 2's loss overflows."""
     out = tmp_path / "run"
-    result = cli("stage2_student.cli", "--out", out, *train_args(synth_corpus, "--losses", "task", "--lr", "1e30",
-                 "--warmup", 0, "--steps", 4, "--save-every", 1), check=False)
+    result = invoke("stage2_student.cli", "--out", out, *train_args(synth_corpus, "--losses", "task", "--lr", "1e30",
+                    "--warmup", 0, "--steps", 4, "--save-every", 1), check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "step 2: non-finite loss term(s) {'loss': nan, 'task': nan}" in result.stderr, result.stderr[-2000:]
     assert f"({out} keeps step 1)" in result.stderr
@@ -157,14 +151,14 @@ def test_second_writer_is_refused_naming_the_holder_and_takes_over_a_killed_ones
                          (store, ("stage1_teacher.cli", *build))):
         holder = lock_holder(out)
         try:
-            refused = cli(*command, check=False)
+            refused = invoke(*command, check=False)
         finally:
             holder.send_signal(signal.SIGKILL)
             holder.wait()
         assert refused.returncode == 1 and f"being written by another process (pid {holder.pid}" in refused.stderr
         assert not out.exists()  # refused before writing anything
         assert lock_path(out).read_text().strip() == str(holder.pid)  # SIGKILL: its file stays, unlocked
-        cli(*command)  # takes the stale file over, and removes it at its end
+        invoke(*command)  # takes the stale file over, and removes it at its end
         assert not lock_path(out).exists()
 
 
@@ -193,8 +187,8 @@ def test_a_lock_released_by_its_holder_is_taken_by_the_next_writer_without_a_fil
 
 def test_kd_train_refused_after_the_lock_leaves_no_lock_and_no_folder(synth_corpus, tmp_path):
     out = tmp_path / "runs" / "new"
-    refused = cli("stage2_student.cli", "--out", out, "--resume", *train_args(synth_corpus, "--losses", "task"),
-                  check=False)
+    refused = invoke("stage2_student.cli", "--out", out, "--resume", *train_args(synth_corpus, "--losses", "task"),
+                     check=False)
     assert refused.returncode == 1 and "holds no run to continue" in refused.stderr
     assert list(tmp_path.iterdir()) == []
 
@@ -249,8 +243,8 @@ def tiny_disk(tmp_path):
 
 def test_full_disk_during_checkpoint_and_build_is_one_line_without_leftovers(synth_corpus, cache, tiny_disk):
     run = tiny_disk / "run"  # open_clip_model.safetensors (several MB) cannot fit
-    result = cli("stage2_student.cli", "--out", run, *train_args(synth_corpus, "--losses", "task", "--steps", 1),
-                 check=False)
+    result = invoke("stage2_student.cli", "--out", run, *train_args(synth_corpus, "--losses", "task", "--steps", 1),
+                    check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"no space left on the device writing {run / 'open_clip_model.safetensors'}: free space" in result.stderr
     assert not list(run.glob("*.tmp"))
@@ -262,8 +256,8 @@ def test_full_disk_during_checkpoint_and_build_is_one_line_without_leftovers(syn
     filler = tiny_disk / "filler"
     filler.write_bytes(b"\0" * (1024 * 1024 - 64 * 1024))  # leave 64 KiB: the store's first chunks do not fit
     store = tiny_disk / "store.zarr"
-    built = cli("stage1_teacher.cli", "build", "--teacher", TEACHER, "--data", synth_corpus / "val", "--out", store,
-                "--batch-size", 16, "--grad-batch", 16, "--chunk-rows", 16, "--workers", 0, check=False)
+    built = invoke("stage1_teacher.cli", "build", "--teacher", TEACHER, "--data", synth_corpus / "val", "--out", store,
+                   "--batch-size", 16, "--grad-batch", 16, "--chunk-rows", 16, "--workers", 0, check=False)
     assert built.returncode == 1 and "Traceback" not in built.stderr
     assert f"no space left on the device writing {store}" in built.stderr and "re-run the same command" in built.stderr
 
@@ -272,9 +266,9 @@ def test_broken_store_metadata_is_one_line_naming_the_store(synth_corpus, cache,
     broken = tmp_path / "broken.zarr"
     shutil.copytree(cache, broken)
     (broken / "zarr.json").write_text((broken / "zarr.json").read_text()[:-20])
-    info = cli("stage1_teacher.cli", "info", broken, check=False)
-    train = cli("stage2_student.cli", "--out", tmp_path / "run", "--cache", broken,
-                *train_args(synth_corpus, "--losses", "fd", "--steps", 1), check=False)
+    info = invoke("stage1_teacher.cli", "info", broken, check=False)
+    train = invoke("stage2_student.cli", "--out", tmp_path / "run", "--cache", broken,
+                   *train_args(synth_corpus, "--losses", "fd", "--steps", 1), check=False)
     for result in (info, train):
         assert result.returncode == 1 and "Traceback" not in result.stderr
         assert f"store {broken} has a broken metadata file" in result.stderr and "rebuild it" in result.stderr
@@ -286,8 +280,8 @@ def test_bad_sample_in_a_dataloader_worker_is_the_one_line_message(tmp_path):
     samples = [make_sample(0, "train", i, f"{i:09d}", image_size=32) for i in range(8)]
     samples[5]["jpg"] = b"not a jpeg"
     write_shard(shards / "00000.tar", samples)
-    results = [cli("stage2_student.cli", "--data", shards, "--student", STUDENT, "--losses", "task", "--out",
-                   tmp_path / f"run{workers}", "--batch-size", 4, "--steps", 2, "--workers", workers, check=False)
+    results = [invoke("stage2_student.cli", "--data", shards, "--student", STUDENT, "--losses", "task", "--out",
+                      tmp_path / f"run{workers}", "--batch-size", 4, "--steps", 2, "--workers", workers, check=False)
                for workers in (0, 1)]
     # one line each, the same but for the address of the BytesIO that PIL names
     lines = [re.sub(r"0x[0-9a-f]+", "0x", line) for r in results for line in r.stderr.splitlines()
@@ -325,7 +319,7 @@ def test_two_kd_train_on_one_out_one_is_refused_and_workers_die_quietly_with_a_k
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_steps(proc, out, 1)
-        second = cli("stage2_student.cli", *args, check=False)
+        second = invoke("stage2_student.cli", *args, check=False)
         assert second.returncode == 1 and f"pid {proc.pid}" in second.stderr
         done = len(metrics(out))
         wait_for_steps(proc, out, done + (2 - done) % 6)  # step 2 of an epoch (6 steps): its workers are up

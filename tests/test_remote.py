@@ -13,18 +13,13 @@ import numpy as np
 import pytest
 
 from common.corpus import Corpus
-from stage1_teacher.build import BuildOptions, build_cache
-from tests.helpers import REPO, assert_stores_equal, cli, save_random_checkpoint
+from tests.helpers import REPO, assert_stores_equal, cli, invoke
 
 TEACHER, STUDENT = "kd-test-teacher", "kd-test-student"
+# conftest's STORE_OPTIONS: `train_store` is the local build
 BUILD = ["--batch-size", "16", "--grad-batch", "32", "--chunk-rows", "32", "--window-blocks", "2", "--workers", "0"]
 TRAIN = ["--student", STUDENT, "--losses", "task,fd,icl,crd,gd", "--batch-size", "32", "--steps", "1",
          "--log-every", "1", "--workers", "0", "--warmup", "1"]
-
-
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory) -> Path:
-    return save_random_checkpoint(TEACHER, tmp_path_factory.mktemp("remote") / "teacher.pt", seed=11)
 
 
 @pytest.fixture(scope="module")
@@ -37,18 +32,16 @@ def remote_train(s3, synth_corpus) -> str:
 
 
 @pytest.fixture(scope="module")
-def local_store(synth_corpus, teacher_ckpt, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("remote_ref") / "local.zarr"
-    build_cache(BuildOptions(teacher=TEACHER, pretrained=str(teacher_ckpt), data=str(synth_corpus / "train"),
-                             out=str(out), batch_size=16, grad_batch=32, chunk_rows=32, window_blocks=2, workers=0))
-    return out
+def local_store(train_store) -> Path:
+    """conftest's `train_store`: `teacher_ckpt`'s local build with BUILD's options."""
+    return train_store
 
 
 @pytest.fixture(scope="module")
 def local_run(local_store, synth_corpus, tmp_path_factory) -> Path:
     """The reference run: kd-train from the local store on the local shards (what the remote runs must equal)."""
     out = tmp_path_factory.mktemp("remote_ref") / "local-run"
-    cli("stage2_student.cli", "--cache", local_store, "--data", synth_corpus / "train", "--out", out, *TRAIN)
+    invoke("stage2_student.cli", "--cache", local_store, "--data", synth_corpus / "train", "--out", out, *TRAIN)
     return out
 
 
@@ -90,16 +83,16 @@ def test_build_train_eval_on_object_storage(remote_train, s3, local_store, local
     """Shards and store on S3 through the CLIs: the store equals a local build, verify passes, training from it
     gives the local run's step-0 losses, and kd-eval reads it."""
     store = f"{s3}/stores/remote.zarr"
-    cli("stage1_teacher.cli", "build", "--teacher", TEACHER, "--pretrained", teacher_ckpt, "--data", remote_train,
-        "--out", store, *BUILD)
+    invoke("stage1_teacher.cli", "build", "--teacher", TEACHER, "--pretrained", teacher_ckpt, "--data", remote_train,
+           "--out", store, *BUILD)
     assert_stores_equal(local_store, store)
-    report = cli("stage1_teacher.cli", "verify", store, "--data", remote_train, "--sample", "8")
+    report = invoke("stage1_teacher.cli", "verify", store, "--data", remote_train, "--sample", "8")
     assert "OK" in report.stdout and "integrity" in report.stdout
-    assert "bytes per sample" in cli("stage1_teacher.cli", "info", store).stdout
-    cli("stage2_student.cli", "--cache", store, "--data", remote_train, "--out", tmp_path / "remote", *TRAIN)
+    assert "bytes per sample" in invoke("stage1_teacher.cli", "info", store).stdout
+    invoke("stage2_student.cli", "--cache", store, "--data", remote_train, "--out", tmp_path / "remote", *TRAIN)
     assert_same_step0(tmp_path / "remote", local_run)
-    result = cli("evaluation.cli", "retrieval", "--cache", store, "--data", remote_train,
-                 "--output", tmp_path / "eval.json")
+    result = invoke("evaluation.cli", "retrieval", "--cache", store, "--data", remote_train,
+                    "--output", tmp_path / "eval.json")
     assert json.loads((tmp_path / "eval.json").read_text())["metrics"], result.stdout
 
 
@@ -144,7 +137,7 @@ def test_pipe_shards_read_like_files(synth_corpus):
 def test_remote_failures_are_one_line(remote_train, s3, teacher_ckpt, tmp_path):
     build = ["stage1_teacher.cli", "build", "--teacher", TEACHER, "--pretrained", teacher_ckpt,
              "--out", tmp_path / "x.zarr"]
-    missing = cli(*build, "--data", f"{s3}/train/{{00000..00004}}.tar", check=False)
+    missing = invoke(*build, "--data", f"{s3}/train/{{00000..00004}}.tar", check=False)
     assert missing.returncode == 1 and "00003.tar does not exist" in missing.stderr
     no_credentials = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
                       "AWS_CONFIG_FILE": "/nonexistent"}
@@ -154,6 +147,7 @@ def test_remote_failures_are_one_line(remote_train, s3, teacher_ckpt, tmp_path):
                             capture_output=True, text=True, env=env)
     assert result.returncode == 1 and remote_train in result.stderr and "credentials" in result.stderr
     assert "Traceback" not in result.stderr
+    # processes of their own: another endpoint or no credentials, where s3fs keeps filesystems per process
     unreachable = cli(*build, "--data", remote_train, check=False,
                       env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"})
     assert unreachable.returncode == 1 and remote_train in unreachable.stderr

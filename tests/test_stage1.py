@@ -24,23 +24,17 @@ from common.corpus import Corpus, CorpusError
 from common.synth import make_sample, write_shard
 from common.views import view_from_arrays, crop_view
 from stage1_teacher.build import BuildOptions, build_cache
-from tests.helpers import REPO, assert_stores_equal, cli, plain_keys, save_random_checkpoint, torchrun
+from tests.helpers import (REPO, STORE_OPTIONS, assert_stores_equal, invoke, plain_keys, save_random_checkpoint,
+                           torchrun)
 
 TEACHER = "kd-test-teacher"
-SMALL = dict(batch_size=16, grad_batch=32, chunk_rows=32, window_blocks=2, workers=0)  # 3 windows of 2 blocks
+SMALL = STORE_OPTIONS  # 3 windows of 2 blocks
 
 
 @pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory) -> Path:
-    return save_random_checkpoint(TEACHER, tmp_path_factory.mktemp("ckpt") / "teacher.pt", seed=123)
-
-
-@pytest.fixture(scope="module")
-def store(synth_corpus, teacher_ckpt, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("stores") / "views.zarr"
-    build_cache(BuildOptions(teacher=TEACHER, pretrained=str(teacher_ckpt), data=str(synth_corpus / "train"),
-                             out=str(out), views=2, **SMALL))
-    return out
+def store(views_store) -> Path:
+    """conftest's `views_store`: `teacher_ckpt`'s build with 2 views, SMALL."""
+    return views_store
 
 
 def test_rows_equal_direct_open_clip_forward(store, synth_corpus, teacher_ckpt):
@@ -132,7 +126,7 @@ def test_kill_and_resume_is_bit_identical(synth_corpus, teacher_ckpt, tmp_path):
         assert proc.wait() == -signal.SIGKILL, "the build ended before it was killed"
     assert not zarr.open_group(str(out), mode="r").attrs.get("complete")
     assert 0 < done_blocks() < 12
-    cli("stage1_teacher.cli", *args)
+    invoke("stage1_teacher.cli", *args)
     assert_stores_equal(out, reference)
 
 
@@ -155,8 +149,8 @@ def test_provenance_refusal_names_what_differs(synth_corpus, store, tmp_path):
         build_cache(BuildOptions(teacher=TEACHER, pretrained=str(other_ckpt), data=str(synth_corpus / "val"),
                                  out=str(copy), views=2, **SMALL))
     assert "--overwrite" in str(err.value)
-    result = cli("stage1_teacher.cli", "build", "--teacher", TEACHER, "--data", synth_corpus / "train",
-                 "--out", copy, "--views", "1", check=False)
+    result = invoke("stage1_teacher.cli", "build", "--teacher", TEACHER, "--data", synth_corpus / "train",
+                    "--out", copy, "--views", "1", check=False)
     assert result.returncode == 1 and "build.views" in result.stderr and "Traceback" not in result.stderr
     build_cache(BuildOptions(teacher=TEACHER, pretrained=str(other_ckpt), data=str(synth_corpus / "val"),
                              out=str(copy), overwrite=True, **SMALL))
@@ -229,16 +223,16 @@ def test_data_spec_forms(synth_corpus):
 
 
 def test_verify_passes_and_catches_tampering(store, synth_corpus, teacher_ckpt, tmp_path):
-    ok = cli("stage1_teacher.cli", "verify", store, "--data", synth_corpus / "train", "--sample", "16")
+    ok = invoke("stage1_teacher.cli", "verify", store, "--data", synth_corpus / "train", "--sample", "16")
     assert "OK" in ok.stdout and "min cosine" in ok.stdout
     tampered = tmp_path / "tampered.zarr"
     shutil.copytree(store, tampered)
     group = zarr.open_group(str(tampered), mode="r+")
     group["text_emb"][:] = group["text_emb"][...][::-1]
-    bad = cli("stage1_teacher.cli", "verify", tampered, "--data", synth_corpus / "train", "--sample", "16",
-              check=False)
+    bad = invoke("stage1_teacher.cli", "verify", tampered, "--data", synth_corpus / "train", "--sample", "16",
+                 check=False)
     assert bad.returncode != 0 and "BELOW" in bad.stdout
-    wrong = cli("stage1_teacher.cli", "verify", store, "--data", synth_corpus / "val", check=False)
+    wrong = invoke("stage1_teacher.cli", "verify", store, "--data", synth_corpus / "val", check=False)
     assert wrong.returncode != 0 and "was not built from" in wrong.stderr
 
 
@@ -249,12 +243,12 @@ def test_verify_defaults_to_the_shards_the_store_records(synth_corpus, teacher_c
     store = tmp_path / "one.zarr"
     build_cache(BuildOptions(teacher=TEACHER, pretrained=str(teacher_ckpt), data=str(shards), out=str(store),
                              **SMALL))
-    ok = cli("stage1_teacher.cli", "verify", store, "--sample", "4")
+    ok = invoke("stage1_teacher.cli", "verify", store, "--sample", "4")
     assert ok.stdout.strip().endswith("OK") and "keys: 24 rows match the shards" in ok.stdout
     moved = tmp_path / "moved"
     shards.rename(moved)
-    lost = cli("stage1_teacher.cli", "verify", store, "--sample", "4", check=False)
+    lost = invoke("stage1_teacher.cli", "verify", store, "--sample", "4", check=False)
     assert lost.returncode == 1 and (f"store {store} was built from --data '{shards}/00000.tar', which cannot be "
                                      f"read from here") in lost.stderr
     assert "pass --data with where those shards are now" in lost.stderr
-    assert cli("stage1_teacher.cli", "verify", store, "--data", moved, "--sample", "4").stdout.strip().endswith("OK")
+    assert invoke("stage1_teacher.cli", "verify", store, "--data", moved, "--sample", "4").stdout.strip().endswith("OK")

@@ -14,36 +14,24 @@ from common.cache import CacheError, CacheStore, dequantize
 from common.corpus import Corpus
 from evaluation.encode import cache_split
 from stage1_teacher.build import BuildOptions, build_cache
-from tests.helpers import cli, save_random_checkpoint
+from tests.helpers import STORE_OPTIONS, invoke
 
 TEACHER, STUDENT = "kd-test-teacher", "kd-test-student"
-SMALL = dict(batch_size=16, grad_batch=32, chunk_rows=32, window_blocks=2, workers=0)
-
-
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory) -> Path:
-    return save_random_checkpoint(TEACHER, tmp_path_factory.mktemp("damage") / "teacher.pt", seed=3)
-
-
-@pytest.fixture(scope="module")
-def pristine(synth_corpus, teacher_ckpt, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("damage_store") / "store.zarr"
-    build_cache(BuildOptions(teacher=TEACHER, pretrained=str(teacher_ckpt), data=str(synth_corpus / "train"),
-                             out=str(out), **SMALL))
-    return out
+SMALL = STORE_OPTIONS
 
 
 @pytest.fixture()
-def store(pristine, tmp_path) -> Path:
+def store(train_store, tmp_path) -> Path:
+    """A copy of conftest's `train_store` (SMALL), to damage."""
     copy = tmp_path / "store.zarr"
-    shutil.copytree(pristine, copy)
+    shutil.copytree(train_store, copy)
     return copy
 
 
 def train(synth_corpus, store, out) -> object:
-    return cli("stage2_student.cli", "--cache", store, "--data", synth_corpus / "train", "--out", out,
-               "--student", STUDENT, "--losses", "task,fd,gd", "--batching", "cache", "--batch-size", "32",
-               "--steps", "2", "--workers", "0", "--warmup", "1", check=False)
+    return invoke("stage2_student.cli", "--cache", store, "--data", synth_corpus / "train", "--out", out,
+                  "--student", STUDENT, "--losses", "task,fd,gd", "--batching", "cache", "--batch-size", "32",
+                  "--steps", "2", "--workers", "0", "--warmup", "1", check=False)
 
 
 def test_flipped_bytes_in_a_chunk_stop_training_naming_array_and_chunk(store, synth_corpus, tmp_path):
@@ -92,18 +80,18 @@ def test_verify_finds_damage_that_checksums_cannot(store, synth_corpus):
     valid = group["valid"][...]
     valid[40:60] = False
     group["valid"][...] = valid
-    result = cli("stage1_teacher.cli", "verify", store, "--data", synth_corpus / "train", "--sample", "4",
-                 check=False)
+    result = invoke("stage1_teacher.cli", "verify", store, "--data", synth_corpus / "train", "--sample", "4",
+                    check=False)
     assert result.returncode == 1
     assert "text_emb norms: 21 rows off" in result.stdout and "row 7, 40, 41" in result.stdout and "20 invalid rows, the attributes say 0" in result.stdout
     assert "not each in exactly one gradient batch" in result.stdout
 
 
-def test_int8_store_without_gradients(synth_corpus, teacher_ckpt, pristine, tmp_path):
+def test_int8_store_without_gradients(synth_corpus, teacher_ckpt, train_store, tmp_path):
     out = tmp_path / "int8.zarr"
     build_cache(BuildOptions(teacher=TEACHER, pretrained=str(teacher_ckpt), data=str(synth_corpus / "train"),
                              out=str(out), dtype="int8", grads=False, **SMALL))
-    small, full = CacheStore(str(out)), CacheStore(str(pristine))
+    small, full = CacheStore(str(out)), CacheStore(str(train_store))
     assert not small.has("image_grad") and small.group["image_emb"].dtype == np.int8
     # int8 rows, re-normalised, stay within ~1% of the fp16 embeddings
     cos = np.sum(dequantize(small.load("image_emb")) * dequantize(full.load("image_emb")), axis=-1)
@@ -111,24 +99,24 @@ def test_int8_store_without_gradients(synth_corpus, teacher_ckpt, pristine, tmp_
     corpus = Corpus.open(str(synth_corpus / "train"))
     a, b = cache_split(small, corpus), cache_split(full, corpus)
     assert np.allclose(a.image_emb @ a.text_emb.T, b.image_emb @ b.text_emb.T, atol=0.02)
-    assert "gradients: not stored" in cli("stage1_teacher.cli", "verify", out, "--data", synth_corpus / "train",
-                                          "--sample", "4").stdout
-    run = cli("stage2_student.cli", "--cache", out, "--data", synth_corpus / "train", "--out", tmp_path / "run",
-              "--student", STUDENT, "--losses", "task,fd,gd", "--batch-size", "32", "--steps", "1", "--workers", "0",
-              "--warmup", "1")
+    assert "gradients: not stored" in invoke("stage1_teacher.cli", "verify", out, "--data", synth_corpus / "train",
+                                             "--sample", "4").stdout
+    run = invoke("stage2_student.cli", "--cache", out, "--data", synth_corpus / "train", "--out", tmp_path / "run",
+                 "--student", STUDENT, "--losses", "task,fd,gd", "--batch-size", "32", "--steps", "1", "--workers", "0",
+                 "--warmup", "1")
     assert run.returncode == 0 and (tmp_path / "run" / "open_clip_model.safetensors").exists()
-    refused = cli("stage2_student.cli", "--cache", out, "--data", synth_corpus / "train", "--out", tmp_path / "r2",
-                  "--student", STUDENT, "--losses", "gd", "--batching", "cache", "--batch-size", "32", "--steps", "1",
-                  "--workers", "0", check=False)
+    refused = invoke("stage2_student.cli", "--cache", out, "--data", synth_corpus / "train", "--out", tmp_path / "r2",
+                     "--student", STUDENT, "--losses", "gd", "--batching", "cache", "--batch-size", "32",
+                     "--steps", "1", "--workers", "0", check=False)
     assert refused.returncode == 1 and "grad" in refused.stderr
 
 
 def every_command(store, synth_corpus, run) -> list:
     """kd-train, kd-eval from the store, and kd-cache verify, on `store`."""
     return [train(synth_corpus, store, run),
-            cli("evaluation.cli", "retrieval", "--cache", store, "--data", synth_corpus / "train", check=False),
-            cli("stage1_teacher.cli", "verify", store, "--data", synth_corpus / "train", "--sample", "4",
-                check=False)]
+            invoke("evaluation.cli", "retrieval", "--cache", store, "--data", synth_corpus / "train", check=False),
+            invoke("stage1_teacher.cli", "verify", store, "--data", synth_corpus / "train", "--sample", "4",
+                   check=False)]
 
 
 def test_a_damaged_index_chunk_names_store_array_and_chunk_in_every_command(store, synth_corpus, tmp_path):

@@ -23,9 +23,14 @@ def check_losses(ctx, param, value: str) -> str:
     return value
 
 
+def resume_value(ctx, param, value: str | None) -> bool | str:
+    """click callback for --resume: the flag alone continues the run (True), `--resume auto` continues it or starts."""
+    return {None: False, "continue": True, "auto": "auto"}[value]
+
+
 @click.command(cls=DataPatternCommand)
 @click.option("--data", required=True, help="training shards (brace pattern, directory or '::' list)")
-@click.option("--out", required=True, type=click.Path(), help="run folder: an open_clip hub folder (load it as local-dir:OUT), its model card, resume.pt, metrics.jsonl")
+@click.option("--out", required=True, help="run folder: an open_clip hub folder (load it as local-dir:OUT), its model card, resume.pt, metrics.jsonl; or an object-store URL (s3://bucket/runs/x), trained into a local staging copy uploaded at every save")
 @click.option("--student", required=True, help="open_clip model name, model config JSON, or hub model (hf-hub:ORG/REPO, local-dir:PATH: its weights are the start)")
 @click.option("--cache", default=None, type=click.Path(), help="teacher cache built by `kd-cache build`")
 @click.option("--losses", default=DEFAULT_LOSSES, show_default=True, callback=check_losses,
@@ -63,7 +68,23 @@ def check_losses(ctx, param, value: str) -> str:
 @click.option("--log-every", default=10, show_default=True, type=POSITIVE)
 @click.option("--save-every", default=500, show_default=True, type=POSITIVE,
               help="save every N steps (also at each epoch's end, and on SIGINT/SIGTERM)")
-@click.option("--resume", is_flag=True, help="continue the run in --out from its resume.pt")
+@click.option("--val-data", default=None,
+              help="retrieval split evaluated on rank 0 at every save: R@1/5/10 both ways and the CLIP loss, "
+                   "logged as val/... (shards, or a CLIP_benchmark root)")
+@click.option("--val-every", default=None, type=POSITIVE,
+              help="also evaluate every N steps (the curve; only saved steps go on the model card)")
+@click.option("--zeroshot-data", default=None,
+              help="zero-shot split evaluated with --val-data's schedule: top-1/top-5 (a directory with "
+                   "classnames.txt, or a CLIP_benchmark root)")
+@click.option("--keep", default=0, show_default=True, type=NON_NEGATIVE,
+              help="keep the N newest saves as step folders checkpoints/step_NNNNNN/ (each loads as local-dir:)")
+@click.option("--keep-best", default=None, metavar="METRIC",
+              help="also keep the step folder with the best value of a val/ metric, e.g. val/image_to_text_R@1 "
+                   "(lowest for a loss)")
+@click.option("--resume", is_flag=False, flag_value="continue", default=None, metavar="[auto]",
+              type=click.Choice(["continue", "auto"]), callback=resume_value,
+              help="continue the run in --out from its resume.pt; --resume auto: continue it if --out holds one, "
+                   "else start (for requeued jobs)")
 @click.option("--overwrite", is_flag=True, help="replace the run in --out (a non-empty --out is refused otherwise)")
 @click.option("--init", default=None, help="student initial weights: open_clip checkpoint, pretrained tag, or hub model of the same architecture")
 @click.option("--target-memory-gb", default=None, type=POSITIVE_FLOAT,

@@ -2,8 +2,9 @@
 
 The card is a view of the run folder, rendered again whenever what it shows changes: `kd-train` at every save
 (`provenance.json`: the student, its teachers and store, the data; `options.json`: losses, steps, batch, lr;
-`metrics.jsonl`: where training stands) and `kd-eval ... --update-card RUN` (`eval_results.json`: the latest
-result of each task and split). The header is built with huggingface_hub's `ModelCardData`, so the eval numbers
+`metrics.jsonl`: where training stands; `checkpoints/history.json`: the step folders kept and the best one; the
+`--val-data` / `--zeroshot-data` results of the saved weights) and `kd-eval ... --update-card RUN`
+(`eval_results.json`: the latest result of each task and split). The header is built with huggingface_hub's `ModelCardData`, so the eval numbers
 are also the hub's `model-index` and `distillation:` holds the provenance machine-readably. Its `license:` is left
 for the user: a value set there is kept when the card is rendered again.
 """
@@ -17,6 +18,8 @@ from common.storage import atomic_write
 PROVENANCE_FILE = "provenance.json"
 EVAL_RESULTS_FILE = "eval_results.json"
 CARD_FILE = "README.md"
+CHECKPOINTS_DIR = "checkpoints"  # kd-train --keep: a hub folder per kept step
+HISTORY_FILE = f"{CHECKPOINTS_DIR}/history.json"
 LICENSE_HINT = "license:  # yours to choose: a Hugging Face license id (mit, apache-2.0, ...) before publishing"
 # CLIP_benchmark's task names -> the hub's task types
 HUB_TASKS = {"zeroshot_classification": "zero-shot-image-classification", "zeroshot_retrieval": "image-text-retrieval"}
@@ -57,7 +60,7 @@ def record_eval(folder: Path, result: dict, fingerprint: str) -> Path:
     return write_model_card(folder)
 
 
-def _card_data(name: str, provenance: dict, evals: dict, license: str | None):
+def _card_data(name: str, provenance: dict, evals: dict, license: str | None, history: dict | None):
     from huggingface_hub import EvalResult, ModelCardData
     eval_results = [EvalResult(task_type=HUB_TASKS.get(r["task"], r["task"]), dataset_type="webdataset",
                                dataset_name=r["dataset"], metric_type=metric, metric_name=metric,
@@ -68,7 +71,8 @@ def _card_data(name: str, provenance: dict, evals: dict, license: str | None):
         tags=["clip", "open_clip", "knowledge-distillation", "clip-kd-cache"], model_name=name,
         eval_results=eval_results or None,
         distillation={"teachers": provenance.get("teachers", {}), "store": provenance.get("store"),
-                      "data": provenance.get("data"), "student": provenance.get("student")})
+                      "data": provenance.get("data"), "student": provenance.get("student"),
+                      "best_checkpoint": history.get("best") if history else None})
 
 
 def _teacher_lines(teachers: dict) -> list[str]:
@@ -98,7 +102,20 @@ def _locked_lines(options: dict) -> list[str]:
     return lines
 
 
-def _body(name: str, provenance: dict, options: dict, last: dict, evals: dict) -> str:
+def _checkpoint_lines(student: dict, history: dict | None) -> list[str]:
+    lines = ["## Checkpoints", "", f"The weights in this folder are step {student.get('step')}'s, the latest saved."]
+    if history is None:
+        return lines + [""]
+    kept = ", ".join(f"`{CHECKPOINTS_DIR}/step_{int(s):06d}`" for s in history["steps"])
+    lines.append(f"Kept step folders (each an open_clip hub folder): {kept or 'none'}.")
+    best = history.get("best")
+    if best:
+        lines.append(f"Best by `{best['metric']}`: step {best['step']} ({best['value']:.4f}), in "
+                     f"`{CHECKPOINTS_DIR}/step_{best['step']:06d}`.")
+    return lines + [""]
+
+
+def _body(name: str, provenance: dict, options: dict, last: dict, evals: dict, history: dict | None) -> str:
     student, store, data = provenance.get("student", {}), provenance.get("store"), provenance.get("data", {})
     teachers = provenance.get("teachers", {})
     lines = [f"# {name}", "",
@@ -127,7 +144,9 @@ def _body(name: str, provenance: dict, options: dict, last: dict, evals: dict) -
         lines += ["## Evaluation", "", "| task | split | metric | value |", "|---|---|---|---|"]
         lines += [f"| {r['task']} | `{r['dataset']}` | {metric} | {value:.4f} |"
                   for r in evals.values() for metric, value in r["metrics"].items() if value is not None]
-        lines += ["", "Written by `kd-eval ... --update-card`.", ""]
+        lines += ["", "Of the weights in this folder; written by `kd-train --val-data / --zeroshot-data` at each "
+                  "save and by `kd-eval ... --update-card`.", ""]
+    lines += _checkpoint_lines(student, history)
     lines += ["## Use", "", "```python", "import open_clip",
               'model, _, preprocess = open_clip.create_model_and_transforms("local-dir:PATH/TO/THIS/FOLDER")',
               'tokenizer = open_clip.get_tokenizer("local-dir:PATH/TO/THIS/FOLDER")', "```", "",
@@ -148,13 +167,15 @@ def write_model_card(folder: Path) -> Path:
              if r.get("weights") == provenance["student"]["fingerprint"]}
     metrics = folder / "metrics.jsonl"
     logged = metrics.read_text().splitlines() if metrics.is_file() else []
-    last = json.loads(logged[-1]) if logged else {}
-    name = folder.resolve().name
+    trained = [record for record in map(json.loads, logged) if "loss" in record]  # not the val/ records
+    last = trained[-1] if trained else {}
+    history = _read_json(folder / HISTORY_FILE, None)
+    name = provenance.get("name") or folder.resolve().name  # a run staged for object storage: the URL's
     license = user_license(folder)
-    header = _card_data(name, provenance, evals, license).to_yaml()
+    header = _card_data(name, provenance, evals, license, history).to_yaml()
     if license is None:
         header += "\n" + LICENSE_HINT
-    card = f"---\n{header}\n---\n\n{_body(name, provenance, options, last, evals)}"
+    card = f"---\n{header}\n---\n\n{_body(name, provenance, options, last, evals, history)}"
     path = folder / CARD_FILE
     atomic_write(path, lambda tmp: tmp.write_text(card))
     return path

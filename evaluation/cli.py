@@ -11,7 +11,7 @@ import click
 from common.defaults import MAIN_TEACHER, ON_ERROR_CHOICES, is_hub_model
 from common.errors import (NON_NEGATIVE, POSITIVE, DataPatternGroup, check_device, reported_errors,
                            run_reporting_errors)
-from evaluation.layout import classnames_file, shard_spec
+from evaluation.layout import shard_spec
 
 # The evaluation modules (torch, open_clip, zarr, faiss) are imported where a command runs, so that --help and
 # option errors answer at once.
@@ -98,10 +98,8 @@ def evaluate_retrieval(model, checkpoint, cache, data, k, index, batch_size, dev
     from common.cache import CacheStore
     from common.corpus import Corpus
     from common.models import create_clip
-    from evaluation.compare import RETRIEVAL_TASK, weights_label
     from evaluation.encode import cache_split, encode_split
-    from evaluation.retrieval import retrieval_metrics
-    from evaluation.zeroshot import result_json
+    from evaluation.tasks import retrieval_result, weights_label
 
     corpus = Corpus.open(shard_spec(data), on_error=on_error)
     clip = None
@@ -114,8 +112,7 @@ def evaluate_retrieval(model, checkpoint, cache, data, k, index, batch_size, dev
         split = encode_split(clip, corpus, batch_size, workers, "first" if first_caption else "all", on_error)
         pretrained = checkpoint
     click.echo(f"{data}: {split.summary()}")
-    metrics = retrieval_metrics(split.image_emb, split.text_emb, split.text_to_image, k, index)
-    result = result_json(data, model, pretrained or weights_label(model, None), RETRIEVAL_TASK, metrics)
+    result = retrieval_result(split, data, model, pretrained or weights_label(model, None), k, index)
     return updated_card(update_card, result, clip)
 
 
@@ -154,19 +151,15 @@ def evaluate_zeroshot(model, checkpoint, data, classnames, templates, batch_size
     templates used and their source."""
     from common.corpus import Corpus
     from common.models import create_clip
-    from evaluation.compare import ZEROSHOT_TASK, weights_label
-    from evaluation.encode import encode_classifier, encode_split
-    from evaluation.zeroshot import read_classnames, result_json, templates_for, zeroshot_metrics
+    from evaluation.encode import encode_split
+    from evaluation.tasks import ZeroshotTask, weights_label, zeroshot_result
 
-    classnames = classnames_file(data, classnames)
-    names, prompts = read_classnames(classnames), templates_for(classnames, templates)
+    task = ZeroshotTask.load(data, classnames, templates)
     clip = create_clip(model, checkpoint, device=device)
     split = encode_split(clip, Corpus.open(shard_spec(data), on_error=on_error), batch_size, workers, "none",
                          on_error)
-    click.echo(f"{data}: {split.summary()}, {len(names)} classes from {classnames}, {prompts.describe()}")
-    metrics = zeroshot_metrics(split.image_emb, split.require_labels(),
-                               encode_classifier(clip, names, prompts.templates, batch_size))
-    result = result_json(data, model, weights_label(model, checkpoint), ZEROSHOT_TASK, metrics) | prompts.as_json()
+    click.echo(f"{data}: {split.summary()}, {task.describe()}")
+    result = zeroshot_result(clip, split, task, model, weights_label(model, checkpoint), batch_size)
     return updated_card(update_card, result, clip)
 
 
@@ -191,14 +184,13 @@ def zeroshot(output, **kwargs):
 def run_comparison(entry, data, teacher_entry, baseline_entry, zeroshot_data, classnames, templates, k, batch_size,
                    device, workers):
     """Parse the entries and the zero-shot task, then compare."""
-    from evaluation.compare import Entry, ZeroshotTask, compare
-    from evaluation.zeroshot import read_classnames, templates_for
+    from evaluation.compare import Entry, compare
+    from evaluation.tasks import ZeroshotTask
 
     task = None
     if zeroshot_data:
-        classnames = classnames_file(zeroshot_data, classnames)
-        task = ZeroshotTask(zeroshot_data, read_classnames(classnames), templates_for(classnames, templates))
-        click.echo(f"{zeroshot_data}: classes from {classnames}, {task.templates.describe()}")
+        task = ZeroshotTask.load(zeroshot_data, classnames, templates)
+        click.echo(f"{zeroshot_data}: {task.describe()}")
     return compare([Entry.parse(e) for e in entry], data, teacher_entry, task, k, batch_size, device, workers,
                    baseline_entry)
 

@@ -14,20 +14,14 @@ import numpy as np
 
 from evaluation.alignment import alignment_metrics
 from common.corpus import Corpus
-from common.defaults import HUB_SCHEMAS, is_hub_model
+from common.defaults import HUB_SCHEMAS
 from common.models import create_clip
-from evaluation.retrieval import retrieval_metrics
-from evaluation.zeroshot import PromptTemplates, as_percent, result_json, zeroshot_metrics
-from evaluation.encode import EncodedSplit, encode_classifier, encode_split
+from evaluation.tasks import (RETRIEVAL_TASK, ZEROSHOT_TASK, ZeroshotTask, retrieval_result, weights_label,
+                              zeroshot_result)
+from evaluation.zeroshot import as_percent
+from evaluation.encode import EncodedSplit, encode_split
 from evaluation.layout import shard_spec
 
-RETRIEVAL_TASK, ZEROSHOT_TASK = "zeroshot_retrieval", "zeroshot_classification"
-RANDOM_INIT = "random-init"  # the `pretrained` reported for a model evaluated without weights
-
-
-def weights_label(model: str, checkpoint: str | None) -> str:
-    """The `pretrained` a result reports: the checkpoint, a hub model's own weights (its name), or random-init."""
-    return checkpoint or (model if is_hub_model(model) else RANDOM_INIT)
 ALIGNMENT_COLUMNS = ("image_cosine", "text_cosine", "image_cka", "text_cka")
 VS_BASELINE = "vs baseline"
 ZEROSHOT_COLUMNS = ("acc1", "acc5")
@@ -54,14 +48,6 @@ class Entry:
         if checkpoint and not Path(checkpoint).is_file():
             raise ValueError(f"--entry {text!r}: checkpoint {checkpoint} does not exist")
         return cls(name, model, checkpoint or None)
-
-
-@dataclass(frozen=True)
-class ZeroshotTask:
-    """A zero-shot classification split with its class names and prompt templates."""
-    data: str
-    classnames: list[str]
-    templates: PromptTemplates
 
 
 @dataclass
@@ -133,16 +119,11 @@ def evaluate_entry(entry: Entry, data: Corpus, zeroshot: tuple[Corpus, ZeroshotT
     split = encode_split(clip, data, batch_size, workers)
     pretrained = weights_label(entry.model, entry.checkpoint)
     evaluated = Evaluated(entry, split)
-    evaluated.results[RETRIEVAL_TASK] = result_json(
-        data.spec, entry.name, pretrained, RETRIEVAL_TASK,
-        retrieval_metrics(split.image_emb, split.text_emb, split.text_to_image, ks))
+    evaluated.results[RETRIEVAL_TASK] = retrieval_result(split, data.spec, entry.name, pretrained, ks)
     if zeroshot is not None:
         corpus, task = zeroshot
         images = encode_split(clip, corpus, batch_size, workers, captions="none")
-        classifier = encode_classifier(clip, task.classnames, task.templates.templates, batch_size)
-        evaluated.results[ZEROSHOT_TASK] = result_json(
-            task.data, entry.name, pretrained, ZEROSHOT_TASK,
-            zeroshot_metrics(images.image_emb, images.require_labels(), classifier)) | task.templates.as_json()
+        evaluated.results[ZEROSHOT_TASK] = zeroshot_result(clip, images, task, entry.name, pretrained, batch_size)
     return evaluated
 
 

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from common.cache import CacheStore, dequantize, join_to_cache
+from common.contrastive import contrastive_loss
 from common.corpus import Corpus, Sample, changed_sample_error, changed_since
 from common.models import LoadedCLIP
 from evaluation.zeroshot import build_classifier
@@ -48,6 +49,16 @@ class EncodedSplit:
         everything = self.image_emb.astype(np.float64) @ self.text_emb.sum(axis=0, dtype=np.float64)
         has = (own > 0) & (own < m)
         return positive[has] / own[has] - (everything[has] - positive[has]) / (m - own[has])
+
+    def contrastive_loss(self, scale: float, bias: float | None, batch_size: int) -> float:
+        """open_clip_train's validation loss: each image with its first caption, in batches of `batch_size` in row
+        order, the model's own contrastive loss (the sigmoid one for a model with a logit bias), averaged over
+        images."""
+        _, first = np.unique(self.text_to_image, return_index=True)  # each image's first caption
+        image, text = torch.from_numpy(self.image_emb), torch.from_numpy(self.text_emb[first])
+        total = sum(len(i) * float(contrastive_loss(i, t, scale, bias))
+                    for i, t in zip(image.split(batch_size), text.split(batch_size)))
+        return total / len(image)
 
     def require_labels(self) -> np.ndarray:
         """The class labels, or a ValueError naming the first sample without one (`.cls`, or `label` in its .json)."""

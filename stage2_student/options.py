@@ -39,20 +39,28 @@ def check_losses(ctx, param, value: str) -> str:
     return value
 
 
+def resume_value(ctx, param, value: str | None) -> bool | str:
+    """click callback for --resume: the flag alone continues the run (True), `--resume auto` continues it or starts."""
+    return {None: False, "continue": True, "auto": "auto"}[value]
+
+
 def option(policy: str, default=MISSING, help: str | None = None, *, type=None, choices: tuple[str, ...] = (),
-           flag: bool = False, callback=None, nargs: int | None = None, metavar: str | None = None):
+           flag: bool = False, callback=None, nargs: int | None = None, metavar: str | None = None,
+           flag_value: str | None = None):
     """A TrainOptions field: its default, and in its metadata its resume policy and its click option's make-up.
-    No default: the option is required."""
+    No default: the option is required. `flag_value`: an option whose value may be left out (then it is this;
+    absent, click gives the callback None)."""
     metadata = {"policy": policy, "help": help, "type": type, "choices": choices, "flag": flag,
-                "callback": callback, "nargs": nargs, "metavar": metavar}
+                "callback": callback, "nargs": nargs, "metavar": metavar, "flag_value": flag_value}
     return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclass(kw_only=True)
 class TrainOptions:
     data: str = option(TRAJECTORY, help="training shards (brace pattern, directory or '::' list)")
-    out: str = option(RUN, type=click.Path(), help="run folder: an open_clip hub folder (load it as local-dir:OUT), "
-                                                   "its model card, resume.pt, metrics.jsonl")
+    out: str = option(RUN, help="run folder: an open_clip hub folder (load it as local-dir:OUT), its model card, "
+                                "resume.pt, metrics.jsonl; or an object-store URL (s3://bucket/runs/x), trained into a "
+                                "local staging copy uploaded at every save")
     student: str = option(TRAJECTORY, help="open_clip model name, model config JSON, or hub model (hf-hub:ORG/REPO, "
                                            "local-dir:PATH: its weights are the start)")
     cache: str | None = option(TRAJECTORY, None, "teacher cache built by `kd-cache build`", type=click.Path())
@@ -139,7 +147,23 @@ class TrainOptions:
     log_every: int = option(RESUMABLE, 10, type=POSITIVE)
     save_every: int = option(RESUMABLE, 500, "save every N steps (also at each epoch's end, and on SIGINT/SIGTERM)",
                              type=POSITIVE)
-    resume: bool = option(RUN, False, "continue the run in --out from its resume.pt", flag=True)
+    val_data: str | None = option(RESUMABLE, None, "retrieval split evaluated on rank 0 at every save: R@1/5/10 both "
+                                                   "ways and the CLIP loss, logged as val/... (shards, or a "
+                                                   "CLIP_benchmark root)")
+    val_every: int | None = option(RESUMABLE, None, "also evaluate every N steps (the curve; only saved steps go on "
+                                                    "the model card)", type=POSITIVE)
+    zeroshot_data: str | None = option(RESUMABLE, None, "zero-shot split evaluated with --val-data's schedule: "
+                                                        "top-1/top-5 (a directory with classnames.txt, or a "
+                                                        "CLIP_benchmark root)")
+    keep: int = option(RESUMABLE, 0, "keep the N newest saves as step folders checkpoints/step_NNNNNN/ (each loads "
+                                     "as local-dir:)", type=NON_NEGATIVE)
+    keep_best: str | None = option(RESUMABLE, None, "also keep the step folder with the best value of a val/ metric, "
+                                                    "e.g. val/image_to_text_R@1 (lowest for a loss)", metavar="METRIC")
+    # True: continue the run in --out; "auto": continue it if there is one, else start
+    resume: bool | str = option(RUN, False, "continue the run in --out from its resume.pt; --resume auto: continue "
+                                            "it if --out holds one, else start (for requeued jobs)",
+                                type=click.Choice(["continue", "auto"]), callback=resume_value, metavar="[auto]",
+                                flag_value="continue")
     overwrite: bool = option(RUN, False, "replace the run in --out (a non-empty --out is refused otherwise)", flag=True)
     init: str | None = option(TRAJECTORY, None, "student initial weights: open_clip checkpoint, pretrained tag, or hub "
                                                 "model of the same architecture")
@@ -160,8 +184,13 @@ class TrainOptions:
                 raise ValueError(f"{flag(f.name)} {value!r}: choose {', '.join(choices[:-1])} or {choices[-1]}")
         if self.batch_size < 2:
             raise ValueError("--batch-size must be >= 2: contrastive losses need negatives")
+        if self.resume not in (False, True, "auto"):
+            raise ValueError(f"--resume {self.resume!r}: give --resume (continue the run in --out) or --resume auto")
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --out, --overwrite replaces it: give one of them")
+        if (self.val_every or self.keep_best) and not (self.val_data or self.zeroshot_data):
+            raise ValueError(f"{'--val-every' if self.val_every else '--keep-best'} needs a validation split: give "
+                             f"--val-data SPEC and/or --zeroshot-data DIR")
         for name, needs in (("lock_image_unlocked_groups", "lock_image"),
                                    ("lock_image_freeze_bn_stats", "lock_image"),
                                    ("lock_text_unlocked_layers", "lock_text"),
@@ -194,6 +223,8 @@ def click_kwargs(f: dataclasses.Field) -> dict:
     kwargs = {k: meta[k] for k in ("help", "callback", "nargs", "metavar") if meta[k] is not None}
     if f.default is MISSING:
         kwargs["required"] = True
+    elif meta["flag_value"] is not None:
+        kwargs.update(default=None, is_flag=False, flag_value=meta["flag_value"])
     else:
         kwargs["default"] = f.default
         kwargs["show_default"] = f.default is not None and not meta["flag"]

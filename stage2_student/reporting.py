@@ -1,7 +1,8 @@
 """Experiment tracking: `kd-train --report-to tensorboard,wandb`, the names open_clip_train uses.
 
 `metrics.jsonl` stays the source of truth; the reporters get the same records (every loss term, lr, grad norm,
-samples/s, cache hit rate, skipped samples, ...) at the same steps, under `train/<name>`. TensorBoard writes its
+samples/s, cache hit rate, skipped samples, ...) at the same steps, under `train/<name>`, and the validation
+records (`--val-data`, `--zeroshot-data`) under their own `val/<name>`. TensorBoard writes its
 event files into `<run>/tensorboard`; W&B runs offline unless a key is set (WANDB_API_KEY, or `wandb login`'s
 netrc entry), so that it never prompts, and keeps its files in `<run>/wandb` (`wandb sync` uploads them later).
 Neither package is needed unless asked for: each is an extra of this package.
@@ -68,8 +69,10 @@ class Reporters:
         return self
 
     def log(self, record: dict) -> None:
+        """A metrics.jsonl record at its step: training terms as train/<name>, names of their own section
+        (val/...) as they are."""
         step = record["step"]
-        scalars = {f"train/{k}": float(v) for k, v in record.items()
+        scalars = {k if "/" in k else f"train/{k}": float(v) for k, v in record.items()
                    if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
         if self.writer is not None:
             for tag, value in scalars.items():

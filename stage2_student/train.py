@@ -31,8 +31,10 @@ from common.errors import Interrupted, NonFiniteError
 from common.hub_folder import (HUB_FILES, TOKENIZER_FILES, WEIGHTS_FILE, save_config, save_tokenizer,
                                save_weights)
 from common.lock import output_lock
-from common.storage import atomic_write, cache_dir
-from common.model_card import CARD_FILE, EVAL_RESULTS_FILE, PROVENANCE_FILE, write_model_card
+from common.storage import atomic_write, basename, cache_dir, is_remote, join
+from common.model_card import (CARD_FILE, CHECKPOINTS_DIR, EVAL_RESULTS_FILE, PROVENANCE_FILE, record_eval,
+                               write_model_card)
+from common.remote_folder import RemoteFolder
 from common.models import (LEGACY_RUN_WEIGHTS, LoadedCLIP, clip_from_provenance, create_clip, model_config,
                            named_weights, weights_fingerprint)
 from stage2_student.data import CaptionPolicy, Renderer, TrainBatches, ViewPolicy, shuffled_rows
@@ -41,8 +43,10 @@ from stage2_student.optim import adamw_settings, capped_warmup, cooldown_steps, 
 from stage2_student.options import RESUMABLE_CHANGES, TRAJECTORY_OPTIONS, TrainOptions, flag
 from stage2_student.prepare import create_student
 from stage2_student.reporting import TENSORBOARD_DIR, Reporters, parse_report_to
+from stage2_student.checkpoints import CheckpointHistory
 from stage2_student.student import Student, check_models_serve_losses, loss_dims
 from stage2_student.targets import TargetProvider, uncacheable
+from stage2_student.validation import Validated, Validation
 
 log = logging.getLogger("kd-train")
 # pooled StudentOutputs / TeacherTargets fields: computed per rank, gathered into the global batch
@@ -103,29 +107,35 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((np_state[0], np.array(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
 
 
-def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+def prepare_out(out: Path, resume: bool | str, overwrite: bool, shown: str | None = None) -> bool:
     """Refuse to write over a run or into an unrelated non-empty directory unless told to, and --resume without a
-    resume.pt; a run killed before its first save gets one answer, with or without --resume."""
+    resume.pt; a run killed before its first save gets one answer, with or without --resume. Whether the run
+    resumes: --resume auto continues a run with a resume.pt and starts in an empty or absent --out. `shown` is
+    the --out the user gave (an object-store URL, where `out` is its local staging copy)."""
+    shown = shown or str(out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file: give a directory")
+        raise ValueError(f"--out {shown} is a file: give a directory")
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     holds_run, saved = bool(set(entries) & set(RUN_FILES)), "resume.pt" in entries
     if holds_run and not saved and not overwrite:
-        raise ValueError(f"--out {out} holds a run that stopped before its first save (no resume.pt), so there is "
-                         f"nothing to resume: start it again with --overwrite, or choose another --out")
-    if resume:
-        if not saved:
-            raise ValueError(f"--resume: {out} holds no run to continue (no resume.pt): start without --resume")
-        return
+        raise ValueError(f"--out {shown} holds a run that stopped before its first save (no resume.pt), so there "
+                         f"is nothing to resume: start it again with --overwrite, or choose another --out")
+    if resume is True and not saved:
+        raise ValueError(f"--resume: {shown} holds no run to continue (no resume.pt): start without --resume, "
+                         f"or give --resume auto (continues a run, starts in an empty --out)")
+    if resume and saved:
+        return True
     if not entries:
-        return
+        return False
     if not overwrite:
         what = "holds a run" if holds_run else "is a non-empty directory"
-        raise ValueError(f"--out {out} {what} ({', '.join(entries[:4])}{', ...' if len(entries) > 4 else ''}): "
+        raise ValueError(f"--out {shown} {what} ({', '.join(entries[:4])}{', ...' if len(entries) > 4 else ''}): "
                          f"--resume continues a run, --overwrite replaces it, or choose another --out")
     for name in RUN_FILES:  # only this tool's files: --overwrite never deletes what it did not write
         (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)  # the replaced run's curves
+    for folder in (TENSORBOARD_DIR, CHECKPOINTS_DIR):  # the replaced run's curves and step folders
+        shutil.rmtree(out / folder, ignore_errors=True)
+    return False
 
 
 class StopSignals:
@@ -160,7 +170,8 @@ class Trainer:
             raise ValueError(f"--batch-size {opts.batch_size} is not divisible by the world size {self.world} "
                              f"(torchrun processes): give a multiple of {self.world}")
         self.device = dist.local_device(opts.device)
-        self.out = Path(opts.out)
+        self.remote = RemoteFolder(opts.out) if is_remote(opts.out) else None  # trained into a local staging copy
+        self.out = self.remote.local if self.remote else Path(opts.out)
         torch.manual_seed(opts.seed)
 
         # everything that can be wrong is checked before any training work
@@ -172,6 +183,7 @@ class Trainer:
         self.build_optimizer()
         self.autocast_dtype = torch.bfloat16 if (opts.precision == "bf16" or (
             opts.precision == "auto" and self.device.startswith("cuda") and torch.cuda.is_bf16_supported())) else None
+        self.validation, self.history = self.validation_and_history()
         self.step = self.saved_step = 0
         self.lock = ExitStack()  # rank 0 holds the lock on --out until run() ends
         self.claim_out()
@@ -328,20 +340,45 @@ class Trainer:
                         for name, store in self.stores.items()}
         return teachers
 
+    def validation_and_history(self) -> tuple[Validation | None, CheckpointHistory | None]:
+        """--val-data / --zeroshot-data (splits opened now: a wrong one stops the run before training) and --keep /
+        --keep-best (a METRIC the validation does not produce is refused)."""
+        opts = self.opts
+        self.validated: Validated | None = None  # the latest evaluation of the student (rank 0)
+        validation = None
+        if opts.val_data or opts.zeroshot_data:
+            validation = Validation(opts.val_data, opts.zeroshot_data, max(1, opts.batch_size // self.world),
+                                    opts.batch_size, opts.workers, opts.on_error)
+        if opts.keep_best and opts.keep_best not in validation.metric_names():
+            raise ValueError(f"--keep-best {opts.keep_best}: the validation gives {', '.join(validation.metric_names())}")
+        history = CheckpointHistory(self.out, opts.keep, opts.keep_best) if opts.keep or opts.keep_best else None
+        return validation, history
+
     def claim_out(self) -> None:
-        """Rank 0 locks --out and checks it may write there; every rank learns the verdict (no rank is left
-        waiting in a collective for one that refused)."""
-        refusal = None
+        """Rank 0 locks --out (an object-store --out: its lease, then the local staging copy, pulled from it) and
+        checks it may write there; every rank learns the verdict (no rank is left waiting in a collective for one
+        that refused) and whether the run resumes (--resume auto)."""
+        refusal, resuming = None, False
         if self.rank == 0:
             try:
-                self.lock.enter_context(output_lock(self.opts.out))
-                prepare_out(self.out, self.opts.resume, self.opts.overwrite)
-            except (ValueError, RuntimeError) as e:
+                if self.remote:
+                    self.lock.enter_context(self.remote.lease())
+                self.lock.enter_context(output_lock(str(self.out)))
+                if self.remote:
+                    self.remote.pull()
+                resuming = prepare_out(self.out, self.opts.resume, self.opts.overwrite, self.opts.out)
+                if self.remote:
+                    self.remote.push()  # what --overwrite removed goes from the object store too
+            except (ValueError, RuntimeError, OSError) as e:
                 self.lock.close()
                 refusal = e
-        refusal = dist.broadcast_object(refusal)
+        refusal, resuming = dist.broadcast_object((refusal, resuming))
         if refusal is not None:
             raise refusal
+        self.resume_auto, self.opts.resume = self.opts.resume == "auto", resuming  # --resume auto, resolved
+        if self.remote and resuming and self.rank != 0 and os.environ.get("LOCAL_RANK", "0") == "0":
+            self.remote.download("resume.pt")  # the other nodes' ranks read it from their own staging copy
+        dist.barrier()
 
     # ---------------------------------------------------------------- data
     def epoch_batches(self, epoch: int) -> np.ndarray:
@@ -470,18 +507,49 @@ class Trainer:
             log.info("removed %s: the run folder is now an open_clip hub folder (%s)", self.out / LEGACY_RUN_WEIGHTS,
                      WEIGHTS_FILE)
             (self.out / LEGACY_RUN_WEIGHTS).unlink()
-        self.write_provenance(state)
-        write_model_card(self.out)
+        self.after_save(self.write_provenance(state))
 
-    def write_provenance(self, state: dict) -> None:
+    def after_save(self, fingerprint: str) -> None:
+        """Rank 0, once the step's weights and resume.pt are written: its step folder (--keep), its validation
+        results on the card (when it was evaluated at this step), the card, and the upload of an object-store --out."""
+        validated = self.validated if self.validated is not None and self.validated.step == self.step else None
+        if self.history is not None:
+            self.history.add(self.step, validated.record if validated else {})
+        for result in validated.results if validated else []:
+            record_eval(self.out, result, fingerprint)
+        write_model_card(self.out)
+        if self.remote:
+            self.remote.push()
+
+    def validate_if_due(self, step_in_epoch: int, reporters: Reporters) -> None:
+        """--val-data / --zeroshot-data at every step that is saved (--save-every, an epoch's end, the last step)
+        and every --val-every steps: on rank 0, the other ranks waiting; logged to metrics.jsonl and the reporters
+        as val/..., and kept for the card (`after_save`)."""
+        if self.validation is None:
+            return
+        saved = (self.step % self.opts.save_every == 0 or step_in_epoch == self.steps_per_epoch
+                 or self.step == self.total_steps)
+        if not (saved or (self.opts.val_every and self.step % self.opts.val_every == 0)):
+            return
+        if self.rank == 0:
+            self.validated = self.validation(self.student_clip, self.step, self.student_clip.name)
+            with (self.out / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(self.validated.record) + "\n")
+            reporters.log(self.validated.record)
+            log.info("step %d: %s", self.step, ", ".join(f"{k} {v:.4f}" for k, v in self.validated.record.items()
+                                                         if k != "step"))
+        dist.barrier()
+
+    def write_provenance(self, state: dict) -> str:
         """provenance.json (what the model card shows): the student as saved, its teachers, store and data."""
         teachers = ({name: store.attrs["teacher"] for name, store in self.stores.items()} if self.cache
                     else {name: t.provenance() for name, t in self.teachers.items()})
+        fingerprint = weights_fingerprint(self.student.clip)
         provenance = {
+            "name": self.run_name,
             "student": {"model": self.student_clip.name, "init": self.opts.init, "step": self.step,
                         "parameters": sum(t.numel() for t in state.values()),
-                        "preprocess": self.student_clip.preprocess_cfg,
-                        "fingerprint": weights_fingerprint(self.student.clip)},
+                        "preprocess": self.student_clip.preprocess_cfg, "fingerprint": fingerprint},
             "teachers": {name: {k: t.get(k) for k in ("model", "pretrained", "fingerprint", "open_clip_version")}
                          for name, t in teachers.items()},
             "store": {"url": self.opts.cache, "content_hash": self.cache.attrs["content_hash"],
@@ -491,6 +559,12 @@ class Trainer:
             "total_steps": self.total_steps,
         }
         (self.out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+        return fingerprint
+
+    @property
+    def run_name(self) -> str:
+        """The --out folder's name (an object-store URL's last part, not its staging copy's)."""
+        return basename(self.remote.url) if self.remote else self.out.resolve().name
 
     def adamw_options(self) -> dict:
         """--beta1, --beta2, --eps as this run resolved them (given, or its student's defaults)."""
@@ -533,6 +607,8 @@ class Trainer:
             provider.cache_hits, provider.live_batches = state["target_counts"][name]
         self.skipped_samples = state["skipped_samples"]
         self.step = self.saved_step = state["step"]
+        if self.rank == 0:
+            CheckpointHistory(self.out, self.opts.keep, self.opts.keep_best).forget_after(self.step)
         return state["epoch"], state["step_in_epoch"]
 
     # ---------------------------------------------------------------- loop
@@ -545,7 +621,9 @@ class Trainer:
             loss = f", loss {last['loss']:.4f}" if "loss" in last else ""  # no step left: a finished run resumed
             damage = (f"; {len(self.lost)} damaged shard(s) lost {self.lost_count()} after the damage, "
                       f"{self.skipped_samples} unreadable sample(s) skipped (lost_samples.json)" if self.lost else "")
-            self.summary = (f"kd-train: wrote {self.out} (an open_clip hub folder: local-dir:{self.out}): step "
+            where = (f"{self.opts.out} (staged in {self.out}, an open_clip hub folder: local-dir:{self.out})"
+                     if self.remote else f"{self.out} (an open_clip hub folder: local-dir:{self.out})")
+            self.summary = (f"kd-train: wrote {where}: step "
                             f"{self.step} of {self.total_steps}{loss}; steps {first_step + 1}-{self.step}, {samples} "
                             f"samples in {seconds:.1f} s "
                             f"({samples / seconds if seconds else 0.0:.1f} samples/s){damage}; metrics.jsonl holds "
@@ -598,7 +676,7 @@ class Trainer:
         """--report-to's reporters, on rank 0 (the others report nothing)."""
         names = parse_report_to(self.opts.report_to) if self.rank == 0 else ()
         options = json.loads((self.out / "options.json").read_text()) if names else {"run_id": None}
-        return Reporters(names, self.out, self.opts.name or self.out.resolve().name, self.opts.wandb_project_name,
+        return Reporters(names, self.out, self.opts.name or self.run_name, self.opts.wandb_project_name,
                          options["run_id"], options, self.step)
 
     def loop(self, signals: StopSignals) -> dict:
@@ -641,6 +719,7 @@ class Trainer:
                             with metrics_path.open("a") as f:
                                 f.write(json.dumps(last) + "\n")
                             reporters.log(last)
+                    self.validate_if_due(start, reporters)
                     if self.step % self.opts.save_every == 0:
                         self.save(epoch, start)
                     if dist.any_rank(signals.received is not None, self.device):
@@ -657,8 +736,10 @@ class Trainer:
     def stop_on_signal(self, signum: int, epoch: int, start: int) -> None:
         self.save(epoch, start)
         dist.barrier()
+        again = "run the same command again" if self.resume_auto else "continue with the same command plus --resume"
         raise Interrupted(f"Stopped by {signal.Signals(signum).name} after step {self.step}: saved "
-                          f"{self.out / 'resume.pt'}; continue with the same command plus --resume", signum)
+                          f"{join(self.opts.out, 'resume.pt') if self.remote else self.out / 'resume.pt'}; {again}",
+                          signum)
 
 
 def train(opts: TrainOptions) -> str:

@@ -152,3 +152,61 @@ def test_remote_failures_are_one_line(remote_train, s3, teacher_ckpt, tmp_path):
                       env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"})
     assert unreachable.returncode == 1 and remote_train in unreachable.stderr
     assert "Traceback" not in unreachable.stderr
+
+
+def test_run_folder_on_object_storage_trains_resumes_and_loads_in_open_clip(s3, synth_corpus, tmp_path):
+    """--out s3://...: a run stopped by SIGTERM at step 3 continues with --resume auto from the object store (its
+    lease taken over from a holder that died), equals a local run, and its downloaded folder loads in open_clip."""
+    import json
+    import os
+    import signal
+    import time
+
+    import open_clip
+    import torch
+    from safetensors.torch import load_file
+
+    from common.errors import Interrupted
+    from common.lock import OutputLocked
+    from common.remote_folder import LEASE_TTL_S
+    from stage2_student.train import Trainer, TrainOptions
+
+    def options(out: str, **extra) -> TrainOptions:
+        return TrainOptions(data=str(synth_corpus / "train"), out=out, student=STUDENT, losses="task", batch_size=32,
+                            steps=6, warmup=1, workers=0, log_every=1, save_every=2, keep=1, **extra)
+
+    local = tmp_path / "local"
+    Trainer(options(str(local))).run()
+    url, fs = f"{s3}/runs/x", fsspec.filesystem("s3")
+    first = Trainer(options(url, resume="auto"))
+    steps = []
+
+    def stop_at_step_3(module, args):  # a scheduler's SIGTERM, delivered while step 3 runs
+        if module.training:
+            steps.append(1)
+            if len(steps) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+    first.student.clip.visual.register_forward_pre_hook(stop_at_step_3)
+    with pytest.raises(Interrupted, match=f"after step 3: saved {url}/resume.pt; run the same command again"):
+        first.run()
+    remote = sorted(p.split("/runs/x/")[1] for p in fs.find("kd-test/runs/x"))
+    assert {"resume.pt", "open_clip_model.safetensors", "metrics.jsonl", "checkpoints/step_000003/"
+            "open_clip_model.safetensors"} <= set(remote) and not fs.exists("kd-test/runs/x.lock")
+
+    lease = {"host": "node-7", "pid": 4242}
+    fs.pipe_file("kd-test/runs/x.lock", json.dumps(lease | {"heartbeat": time.time()}).encode())
+    with pytest.raises(OutputLocked, match=r"--out s3://kd-test/runs/x is being written by another process "
+                                           r"\(pid 4242 on node-7"):
+        Trainer(options(url, resume="auto"))
+    fs.pipe_file("kd-test/runs/x.lock", json.dumps(lease | {"heartbeat": time.time() - LEASE_TTL_S - 1}).encode())
+    Trainer(options(url, resume="auto")).run()  # the requeued job: the dead holder's lease is taken over
+    assert not fs.exists("kd-test/runs/x.lock")
+
+    copy = tmp_path / "downloaded"
+    fs.get("kd-test/runs/x", str(copy), recursive=True)
+    assert sorted(p.name for p in (copy / "checkpoints").iterdir() if p.is_dir()) == ["step_000006"]
+    assert [json.loads(line)["step"] for line in (copy / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{copy}")
+    straight = load_file(local / "open_clip_model.safetensors")
+    assert all(torch.equal(model.state_dict()[k], straight[k]) for k in straight)
+    assert "# x" in (copy / "README.md").read_text()  # named by the URL, not by its staging copy

@@ -206,7 +206,7 @@ def measure(args, data: Path, cache: Path, tmp: Path, results: dict) -> None:
     runs = trainers(args, data, cache, tmp)
     results["student"] = C.model_summary(runs["cached KD"].student_clip)
     results["teacher"] = C.model_summary(runs["live KD"].teachers["main"])
-    batches = [runs["live KD"].loader(0, 0).dataset[i] for i in range(args.batches)]
+    batches = [runs["live KD"].loader(0, 0).dataset[0, i] for i in range(args.batches)]
     store = big_store(runs["cached KD"].cache, args.reader_rows, tmp / "reader.zarr")
     kd = runs["cached KD"].loss_set
     provider = TargetProvider("cache", kd.teacher_needs, kd.teacher_optional, store, None, grad_batches=False)

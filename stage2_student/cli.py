@@ -6,7 +6,7 @@ import os
 
 import click
 
-from common.defaults import DEFAULT_LOSSES, MODES, ON_ERROR_CHOICES
+from common.defaults import DEFAULT_LOSSES, MODES, ON_ERROR_CHOICES, PRECISION_CHOICES
 from common.errors import (NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, POSITIVE_FLOAT, PROBABILITY, SEED,
                            DataPatternCommand, check_device, reported_errors)
 
@@ -53,7 +53,18 @@ def check_losses(ctx, param, value: str) -> str:
 @click.option("--augment", is_flag=True, help="random crops: the cache's stored views, else fresh crops (live)")
 @click.option("--batching", type=click.Choice(["shuffle", "cache"]), default="shuffle", show_default=True,
               help="cache: replay the build's gradient batches (GD then uses the cached gradients)")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="auto", show_default=True,
+              help="auto: bf16 autocast on a GPU that has it, else fp32; amp: fp16 autocast with a GradScaler "
+                   "(V100 / T4), whose skipped steps are counted (amp_skipped_steps), not failures")
+@click.option("--accum-freq", default=1, show_default=True, type=POSITIVE,
+              help="micro-batches of --batch-size per optimizer step: the step's batch is --batch-size x "
+                   "--accum-freq (open_clip's feature caching: the exact big-batch gradient for pooled losses)")
+@click.option("--local-loss", is_flag=True,
+              help="each rank computes its own rows against the global batch (open_clip's --local-loss; same "
+                   "gradients, 1/W of the logits' memory); losses without a local form keep the global one")
+@click.option("--grad-checkpointing", is_flag=True,
+              help="recompute the towers' blocks in the backward instead of storing activations (less memory)")
+@click.option("--torchcompile", is_flag=True, help="torch.compile the student's towers")
 @click.option("--device", default="cpu", show_default=True, callback=check_device)
 @click.option("--workers", default=2, show_default=True, type=NON_NEGATIVE)
 @click.option("--seed", default=0, show_default=True, type=SEED)

@@ -38,7 +38,7 @@ def trainer(corpus: Path, store: Path, out: Path, augment: bool) -> Trainer:
 
 def test_augmented_views_get_the_gradients_of_their_own_embeddings(synth_corpus, store_with_views, tmp_path):
     t = trainer(synth_corpus, store_with_views, tmp_path, augment=True)
-    batch = t.loader(0, 0).dataset[0]
+    batch = t.loader(0, 0).dataset[0, 0]
     assert set(batch["view"].tolist()) <= {1, 2}  # every sample saw a stored augmented view
     served = t.targets["main"](batch, is_cached_grad_batch=True)
     exact = clip_loss_grads(served.image_emb, served.text_emb, served.logit_scale)
@@ -51,7 +51,7 @@ def test_augmented_views_get_the_gradients_of_their_own_embeddings(synth_corpus,
 
 def test_clean_view_batches_get_the_stored_gradients(synth_corpus, store_with_views, tmp_path):
     t = trainer(synth_corpus, store_with_views, tmp_path, augment=False)
-    batch = t.loader(0, 0).dataset[0]
+    batch = t.loader(0, 0).dataset[0, 0]
     assert set(batch["view"].tolist()) == {0}
     served = t.targets["main"](batch, is_cached_grad_batch=True)
     group = zarr.open_group(str(store_with_views), mode="r")

@@ -16,9 +16,16 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=-1)
 
 
-def diag_ce(logits: torch.Tensor) -> torch.Tensor:
-    """CE(logits, y) with y = arange(B): row i's positive is column i."""
-    return F.cross_entropy(logits, torch.arange(logits.shape[0], device=logits.device))
+def diag_ce(logits: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+    """CE(logits, y): row i's positive is column i, or with `rows` (a rank's anchors, --local-loss) the logits'
+    row i is the batch's row rows.start + i."""
+    first = 0 if rows is None else rows.start or 0
+    return F.cross_entropy(logits, torch.arange(first, first + logits.shape[0], device=logits.device))
+
+
+def anchors(x: torch.Tensor, rows: slice | None) -> torch.Tensor:
+    """The rows a loss anchors on: all of them (global form), or a rank's own (local form)."""
+    return x if rows is None else x[rows]
 
 
 class LogitScale(nn.Module):

@@ -134,6 +134,7 @@ class TrainBatches(Dataset):
             "kept": torch.from_numpy(kept),  # over this rank's planned rows
             "planned": tuple(len(p) for p in planned),  # every rank's planned rows
             "rows": torch.from_numpy(local),
+            "cache_rows": torch.from_numpy(self.cache_rows[local]) if self.cache_rows is not None else None,
             "cached": self.cached_targets(batch, epoch),
             "view": torch.tensor([v for v, _ in chosen]),  # stored view number, -1 when the cache lacks it
             "caption": torch.from_numpy(caption),  # synthetic caption number, -1 for the sample's own

@@ -40,12 +40,12 @@ class MicroBatch:
     sizes: tuple[int, ...]
 
 
-def concat(parts: list, names: tuple[str, ...]):
-    """One dataclass whose pooled fields `names` are the parts' concatenated (None where a part lacks one); the
-    other fields are the first part's."""
+def concat(parts: list, names: tuple[str, ...], base=None):
+    """`base` (default: the first part) with its pooled fields `names` replaced by the parts' concatenated (None
+    where a part lacks one)."""
     joined = {name: (torch.cat([getattr(p, name) for p in parts])
                      if all(getattr(p, name) is not None for p in parts) else None) for name in names}
-    return replace(parts[0], **joined)
+    return replace(parts[0] if base is None else base, **joined)
 
 
 def local_rows(sizes: list[tuple[int, ...]], rank: int, device) -> torch.Tensor:
@@ -97,7 +97,8 @@ class DistillModel(nn.Module):
         else:
             around = list(cache.features)
             around[cache.position] = fresh
-            full, teachers, sizes = concat(around, POOLED_STUDENT), cache.teachers, cache.sizes
+            # the other fields (logit scale and bias) are this micro-batch's, with their graph
+            full, teachers, sizes = concat(around, POOLED_STUDENT, fresh), cache.teachers, cache.sizes
         rank = dist.rank_world()[0]
         rows = local_rows(sizes, rank, fresh.image_emb.device) if self.local_loss else None
         students = {name: replace(self.student.project(full, name), rows=rows) for name in teachers}
@@ -185,6 +186,13 @@ class OptimizerStep:
         device_ids = [torch.device(self.device).index] if self.device.startswith("cuda") else None
         self.wrapped = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         return unused
+
+    def sync_buffers(self) -> None:
+        """Rank 0's buffers (BatchNorm statistics) on every rank, as DDP gives them at each forward: at a save, so
+        that every rank holds what is saved."""
+        if dist.is_distributed():
+            for buffer in self.model.buffers():
+                torch.distributed.broadcast(buffer, 0)
 
     def __call__(self, micro_batches: list[MicroBatch], step: int, log: bool) -> None:
         """Step number `step` (1-based) from its micro-batches; `log`: keep the gradient norm for the log."""

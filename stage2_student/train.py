@@ -500,6 +500,7 @@ class Trainer:
         if self.saved_step == self.step:
             return
         self.read_step()  # stops on a non-finite step since the last log: nothing non-finite is ever saved
+        self.optimizer_step.sync_buffers()
         state = self.student.clip.state_dict()
         non_finite = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
         if non_finite:  # checked on every rank (their weights are equal), so that all stop

@@ -69,9 +69,9 @@ class StudentOutputs:
     # per token); L = the batch's longest caption, labels -100 at padding
     caption_logits: torch.Tensor | None = None  # (B, L-1, V)
     caption_labels: torch.Tensor | None = None  # (B, L-1) token ids
-    # --local-loss: this rank's rows of the gathered batch, the anchors of losses with a local form (their value is
-    # then the mean over these rows against every column); None: the global form, the same value on every rank
-    rows: slice | None = None
+    # --local-loss: the indices of this rank's rows in the gathered batch, the anchors of losses with a local form
+    # (their value is then the mean over these rows against every column); None: the global form, alike on every rank
+    rows: torch.Tensor | None = None
 
 
 @dataclass
@@ -253,7 +253,7 @@ class LossSet(nn.Module):
         global_form = {name: replace(s, rows=None) for name, s in students.items()}
         local_weight = 1.0
         if first.rows is not None:
-            local_weight = rank_world()[1] * (first.rows.stop - first.rows.start) / first.image_emb.shape[0]
+            local_weight = rank_world()[1] * first.rows.shape[0] / first.image_emb.shape[0]
         total, terms = 0.0, {}
         with torch.autocast(first.image_emb.device.type, enabled=False):
             for name, loss in self.losses.items():

@@ -49,7 +49,8 @@ def family_times(args, student: str, data: Path, cache: Path, tmp: Path) -> dict
                                                   teacher_targets="cache", **base))}
     batches = [runs["cached KD"].loader(0, 0).dataset[0, i] for i in range(args.batches)]
     current = {"i": 0}
-    times = C.interleaved({name: (lambda t=trainer: t.train_step(batches[current["i"]])) for name, trainer in runs.items()},
+    times = C.interleaved({name: (lambda t=trainer: t.train_step([t.micro_batch(batches[current["i"]])]))
+                           for name, trainer in runs.items()},
                           args.repeats, args.device, warmup=args.warmup,
                           before_round=lambda r: current.update(i=r % len(batches)))
     a, b = times["student-only"], times["cached KD"]

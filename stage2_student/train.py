@@ -484,7 +484,12 @@ class Trainer:
         gradient since the last read, naming the first such step."""
         terms, first_bad, amp_skipped = self.optimizer_step.read()
         if first_bad:
-            self.stop_non_finite(first_bad, f"loss or gradient (the last step's terms {terms})")
+            losses = {name: value for name, value in terms.items() if name != "grad_norm"}
+            bad = {name: value for name, value in losses.items() if not math.isfinite(value)}
+            self.stop_non_finite(first_bad, (f"loss term(s) {bad}" if bad else f"gradient norm {terms.get('grad_norm')} "
+                                                                             f"(loss terms {losses})")
+                                 if first_bad == self.step else
+                                 f"loss or gradient (read at step {self.step}, whose terms are {terms})")
         return terms | ({"amp_skipped_steps": amp_skipped} if self.precision == "amp" else {})
 
     def stop_non_finite(self, step: int, what: str) -> None:

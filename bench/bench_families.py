@@ -47,9 +47,10 @@ def family_times(args, student: str, data: Path, cache: Path, tmp: Path) -> dict
         runs = {"student-only": Trainer(TrainOptions(out=str(tmp / f"{student}-a"), losses="task", **base)),
                 "cached KD": Trainer(TrainOptions(out=str(tmp / f"{student}-b"), cache=str(cache), losses=KD_LOSSES,
                                                   teacher_targets="cache", **base))}
-    batches = [runs["cached KD"].loader(0, 0).dataset[i] for i in range(args.batches)]
+    batches = [runs["cached KD"].loader(0, 0).dataset[0, i] for i in range(args.batches)]
     current = {"i": 0}
-    times = C.interleaved({name: (lambda t=trainer: t.train_step(batches[current["i"]])) for name, trainer in runs.items()},
+    times = C.interleaved({name: (lambda t=trainer: t.train_step([t.micro_batch(batches[current["i"]])]))
+                           for name, trainer in runs.items()},
                           args.repeats, args.device, warmup=args.warmup,
                           before_round=lambda r: current.update(i=r % len(batches)))
     a, b = times["student-only"], times["cached KD"]

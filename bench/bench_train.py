@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reader-calls", type=int, default=50, help="reader calls per round")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the loader run")
     p.add_argument("--loader-steps", type=int, default=6, help="steps of the loader runs (0: skip them)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "amp"), default="auto",
                    help="the trainers' --precision (auto: bf16 on a GPU that has it)")
     C.add_common_args(p)
     return C.parse_args(p, TINY, argv)
@@ -93,32 +93,37 @@ def big_store(real: CacheStore, rows: int, path: Path) -> CacheStore:
     return CacheStore(str(path))
 
 
-def reader_requests(rows: int, batch: int, count: int) -> list[dict]:
-    """`count` cached-target requests of `batch` random rows each, clean view and each sample's own caption
-    (caption -1, as `TrainBatches` marks it), made once, outside timing."""
+def reader_requests(rows: int, batch: int, count: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """`count` cached-target lookups (`TargetProvider.lookup`: what a loader worker does per micro-batch) of
+    `batch` random rows each, clean view and each sample's own caption (-1), made once, outside timing."""
     rng = np.random.default_rng(0)
-    return [{"cache_rows": torch.from_numpy(rng.integers(0, rows, batch)), "view": torch.zeros(batch, dtype=torch.long),
-             "caption": torch.full((batch,), -1, dtype=torch.long)}
+    return [(rng.integers(0, rows, batch), np.zeros(batch, dtype=np.int64), np.full(batch, -1, dtype=np.int64))
             for _ in range(count)]
 
 
-def interleaved_rounds(args, runs: dict[str, Trainer], batches: list[dict],
+def step(trainer: Trainer, batch: dict) -> None:
+    """One optimizer step from a loader item: its way to the device, the targets, forward, backward, AdamW."""
+    trainer.train_step([trainer.micro_batch(batch)])
+
+
+def interleaved_rounds(args, runs: dict[str, Trainer], batches: dict[str, list[dict]],
                        reader: TargetProvider) -> dict[str, list[float]]:
-    """Seconds per call of each variant, interleaved; round r feeds batch r % len(batches) to every variant."""
+    """Seconds per call of each variant, interleaved; round r feeds batch r % --batches to every variant (each
+    trainer its own loader's item: a cached-KD item carries its looked-up targets)."""
     dataset = runs["cached KD"].loader(0, 0).dataset
     requests = reader_requests(args.reader_rows, args.batch_size, args.reader_calls)
     current = {"i": 0}
-    batch = lambda: batches[current["i"]]  # noqa: E731
+    batch = lambda name: batches[name][current["i"]]  # noqa: E731
     variants = {
-        "(a) student-only step": lambda: runs["student-only"].train_step(batch()),
-        "(b) cached KD step": lambda: runs["cached KD"].train_step(batch()),
-        "(c) live KD step": lambda: runs["live KD"].train_step(batch()),
-        "teacher forward (live targets)": lambda: runs["live KD"].targets["main"](batch(), False),
-        f"target reader x{args.reader_calls}": lambda: [reader(q, False) for q in requests],
-        "load one batch (1 process)": lambda: dataset[current["i"]],
+        "(a) student-only step": lambda: step(runs["student-only"], batch("live KD")),
+        "(b) cached KD step": lambda: step(runs["cached KD"], batch("cached KD")),
+        "(c) live KD step": lambda: step(runs["live KD"], batch("live KD")),
+        "teacher forward (live targets)": lambda: runs["live KD"].teacher_targets(batch("live KD")),
+        f"target reader x{args.reader_calls}": lambda: [reader.lookup(*q, False) for q in requests],
+        "load one batch (1 process)": lambda: dataset[0, current["i"]],
     }
     return C.interleaved(variants, args.repeats, args.device, warmup=args.warmup,
-                         before_round=lambda r: current.update(i=r % len(batches)))
+                         before_round=lambda r: current.update(i=r % args.batches))
 
 
 def loader_runs(trainer: Trainer, steps: int, device: str) -> dict[str, list[float]]:
@@ -135,13 +140,13 @@ def loader_runs(trainer: Trainer, steps: int, device: str) -> dict[str, list[flo
             seconds.append(time.perf_counter() - start)
         del loader  # shuts its workers down
         return seconds
-    return {"alone": per_batch(lambda batch: None), "fed_step": per_batch(trainer.train_step)}
+    return {"alone": per_batch(lambda batch: None), "fed_step": per_batch(lambda batch: step(trainer, batch))}
 
 
-def target_agreement(runs: dict[str, Trainer], batch: dict) -> dict[str, float]:
+def target_agreement(runs: dict[str, Trainer], batches: dict[str, list[dict]]) -> dict[str, float]:
     """Min per-row cosine of the cached targets against the live teacher's, on one batch."""
-    cached = runs["cached KD"].targets["main"](batch, False)
-    live = runs["live KD"].targets["main"](batch, False)
+    cached = runs["cached KD"].teacher_targets(batches["cached KD"][0])
+    live = runs["live KD"].teacher_targets(batches["live KD"][0])
     return {name: float(torch.nn.functional.cosine_similarity(getattr(cached, name), getattr(live, name),
                                                               dim=-1).min()) for name in ("image_emb", "text_emb")}
 
@@ -206,7 +211,8 @@ def measure(args, data: Path, cache: Path, tmp: Path, results: dict) -> None:
     runs = trainers(args, data, cache, tmp)
     results["student"] = C.model_summary(runs["cached KD"].student_clip)
     results["teacher"] = C.model_summary(runs["live KD"].teachers["main"])
-    batches = [runs["live KD"].loader(0, 0).dataset[i] for i in range(args.batches)]
+    batches = {name: [runs[name].loader(0, 0).dataset[0, i] for i in range(args.batches)]
+               for name in ("cached KD", "live KD")}
     store = big_store(runs["cached KD"].cache, args.reader_rows, tmp / "reader.zarr")
     kd = runs["cached KD"].loss_set
     provider = TargetProvider("cache", kd.teacher_needs, kd.teacher_optional, store, None, grad_batches=False)
@@ -214,7 +220,7 @@ def measure(args, data: Path, cache: Path, tmp: Path, results: dict) -> None:
               "reader_mb": provider.memory_bytes / 2**20}
     times = interleaved_rounds(args, runs, batches, provider)
     loader_s = loader_runs(runs["cached KD"], args.loader_steps, args.device) if args.loader_steps else {}
-    report(args, times, memory, loader_s, target_agreement(runs, batches[0]), results)
+    report(args, times, memory, loader_s, target_agreement(runs, batches), results)
 
 
 def main() -> None:

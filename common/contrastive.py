@@ -7,11 +7,20 @@ import torch
 import torch.nn.functional as F
 
 
-def clip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
-    """L = 0.5 [CE(c I Tᵀ, y) + CE(c T Iᵀ, y)], y = arange(B); I, T already L2-normalised."""
-    logits = scale * image @ text.t()
-    labels = torch.arange(image.shape[0], device=image.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+def clip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor | float,
+              rows: torch.Tensor | None = None) -> torch.Tensor:
+    """L = 0.5 [CE(c I Tᵀ, y) + CE(c T Iᵀ, y)], y = arange(B); I, T already L2-normalised.
+
+    `rows`: the indices of a rank's anchor rows in its local form (open_clip's --local-loss): image rows I[rows]
+    against every text and text rows T[rows] against every image, each labelled with its own place; the mean
+    over those rows.
+    """
+    if rows is None:
+        logits = scale * image @ text.t()
+        labels = torch.arange(image.shape[0], device=image.device)
+        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+    return 0.5 * (F.cross_entropy(scale * image[rows] @ text.t(), rows)
+                  + F.cross_entropy(scale * text[rows] @ image.t(), rows))
 
 
 def clip_loss_grads(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor | float
@@ -35,12 +44,16 @@ def clip_loss_grads(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor
 
 
 def sigmoid_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor | float,
-                 bias: torch.Tensor | float) -> torch.Tensor:
+                 bias: torch.Tensor | float, rows: torch.Tensor | None = None) -> torch.Tensor:
     """SigLIP: L = -(1/B) sum_ij log sigmoid(y_ij (c I_i·T_j + b)), y = 2 Id - 1 (open_clip's `SigLipLoss` on the
-    whole batch; on several ranks it gives the same gradients, summed over ranks' image rows)."""
-    logits = scale * image @ text.t() + bias
-    labels = 2 * torch.eye(image.shape[0], device=image.device, dtype=logits.dtype) - 1
-    return -F.logsigmoid(labels * logits).sum() / image.shape[0]
+    whole batch; on several ranks it gives the same gradients, summed over ranks' image rows). `rows`: a rank's
+    local form, image rows I[rows] against every text, the same per-row sum divided by the rows' count."""
+    anchors = image if rows is None else image[rows]
+    logits = scale * anchors @ text.t() + bias
+    n = anchors.shape[0]
+    labels = torch.full_like(logits, -1.0)
+    labels[torch.arange(n, device=image.device), torch.arange(n, device=image.device) if rows is None else rows] = 1.0
+    return -F.logsigmoid(labels * logits).sum() / n
 
 
 def sigmoid_loss_grads(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor | float,
@@ -55,9 +68,10 @@ def sigmoid_loss_grads(image: torch.Tensor, text: torch.Tensor, scale: torch.Ten
 
 
 def contrastive_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor | float,
-                     bias: torch.Tensor | float | None = None) -> torch.Tensor:
-    """The loss a model with this scale and bias trains with: `sigmoid_loss` with a bias, else `clip_loss`."""
-    return clip_loss(image, text, scale) if bias is None else sigmoid_loss(image, text, scale, bias)
+                     bias: torch.Tensor | float | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss a model with this scale and bias trains with: `sigmoid_loss` with a bias, else `clip_loss`
+    (`rows`: a rank's local form, see each)."""
+    return clip_loss(image, text, scale, rows) if bias is None else sigmoid_loss(image, text, scale, bias, rows)
 
 
 def contrastive_loss_grads(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor | float,

@@ -7,6 +7,7 @@ DTYPES = {"fp16": "float16", "fp32": "float32", "int8": "int8"}  # --dtype: how 
 MAIN_TEACHER = "main"
 ON_ERROR_CHOICES = ("raise", "skip")  # --on-error: what an unreadable sample does
 MODES = ("auto", "cache", "live")  # kd-train --teacher-targets
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "amp")  # kd-train --precision (amp: fp16 autocast + GradScaler)
 DEFAULT_LOSSES = "task,fd,icl,crd"  # CLIP-KD: task + FD (2000) + ICL (1) + CRD (1), the paper's weights
 HUB_SCHEMAS = ("hf-hub:", "local-dir:")  # a model named so brings its own weights
 

@@ -8,14 +8,33 @@ import functools
 import os
 import signal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 
+def _launcher_env() -> dict[str, str]:
+    """torchrun's variables, or SLURM's when `srun` started the processes without torchrun (as open_clip_train reads
+    them: SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS; MASTER_ADDR / MASTER_PORT come from the job script)."""
+    if "WORLD_SIZE" in os.environ or "SLURM_PROCID" not in os.environ or int(os.environ.get("SLURM_NTASKS", 1)) < 2:
+        return {}
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        raise ValueError(f"SLURM started {os.environ['SLURM_NTASKS']} tasks but MASTER_ADDR / MASTER_PORT are not "
+                           f"set: export them in the job script before srun (e.g. MASTER_ADDR=$(scontrol show "
+                           f"hostnames $SLURM_JOB_NODELIST | head -n1) MASTER_PORT=29500), or launch with torchrun")
+    return {"RANK": os.environ["SLURM_PROCID"], "LOCAL_RANK": os.environ.get("SLURM_LOCALID", "0"),
+            "WORLD_SIZE": os.environ["SLURM_NTASKS"],
+            "LOCAL_WORLD_SIZE": os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]}
+
+
 def init_distributed(device: str) -> tuple[int, int]:
-    """Join the torchrun process group if launched by torchrun; return (rank, world_size)."""
+    """Join the process group when launched by torchrun or srun; return (rank, world_size). A CUDA rank is bound to
+    its local GPU first (`torch.cuda.set_device`), so that NCCL and every `cuda` tensor use that GPU, not cuda:0."""
+    os.environ.update(_launcher_env())
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
         return 0, 1
+    if str(device).startswith("cuda"):
+        torch.cuda.set_device(torch.device(local_device(device)))
     if not dist.is_initialized():
         backend = "nccl" if str(device).startswith("cuda") else "gloo"
         # No phase keeps the other ranks waiting long (index scans, windows and gradients are spread over ranks);
@@ -26,7 +45,7 @@ def init_distributed(device: str) -> tuple[int, int]:
 
 
 def local_device(device: str) -> str:
-    """'cuda' under torchrun means this rank's GPU."""
+    """'cuda' under torchrun or srun means this rank's GPU."""
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         return f"cuda:{os.environ['LOCAL_RANK']}"
     return device
@@ -49,57 +68,87 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def all_gather_objects(obj) -> list:
-    """[obj of rank 0, obj of rank 1, ...]; [obj] when not distributed."""
+def all_gather_objects(obj, host: bool = False) -> list:
+    """[obj of rank 0, obj of rank 1, ...]; [obj] when not distributed. `host`: over the gloo group of `any_rank`,
+    so that it never waits for a GPU stream (nccl's object collectives go through device tensors)."""
     if not is_distributed():
         return [obj]
     out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=host_group() if host else None)
     return out
 
 
 class _GatherCat(torch.autograd.Function):
     """all_gather + cat whose backward sums every rank's gradient of the gathered tensor and returns this rank's
     slice (what torch.distributed.nn's deprecated all_gather did), with public collectives that gloo supports.
-    Ranks may hold different numbers of rows (a batch that lost an unreadable sample): parts are padded to the
-    largest for the collective and cut back."""
+    `sizes`: every rank's number of rows. Known (the planned batch split), the gather is one collective with no host
+    read; None (a batch that lost an unreadable sample), the sizes are exchanged first (a host read) and the parts
+    padded to the largest for the collective and cut back."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(dist.get_world_size())]
-        dist.all_gather(sizes, torch.tensor([tensor.shape[0]], device=tensor.device))
-        sizes = [int(n) for n in sizes]
+    def forward(ctx, tensor: torch.Tensor, sizes: tuple[int, ...] | None) -> torch.Tensor:
+        if sizes is None:
+            found = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(dist.get_world_size())]
+            dist.all_gather(found, torch.tensor([tensor.shape[0]], device=tensor.device))
+            sizes = tuple(int(n) for n in found)
+        ctx.rank, ctx.sizes = dist.get_rank(), sizes
+        if len(set(sizes)) == 1:
+            out = torch.empty((sizes[0] * len(sizes),) + tuple(tensor.shape[1:]), dtype=tensor.dtype,
+                              device=tensor.device)
+            dist.all_gather_into_tensor(out, tensor.contiguous())
+            return out
         padded = torch.zeros((max(sizes),) + tuple(tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
         padded[:tensor.shape[0]] = tensor
         parts = [torch.empty_like(padded) for _ in sizes]
         dist.all_gather(parts, padded)
-        ctx.rank, ctx.sizes = dist.get_rank(), sizes
         return torch.cat([part[:n] for part, n in zip(parts, sizes)], dim=0)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous()
         dist.all_reduce(grad)
         start = sum(ctx.sizes[:ctx.rank])
-        return grad[start:start + ctx.sizes[ctx.rank]]
+        return grad[start:start + ctx.sizes[ctx.rank]], None
 
 
-def gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+def gather_cat(tensor: torch.Tensor, sizes: tuple[int, ...] | None = None) -> torch.Tensor:
     """Concatenate a tensor across ranks along dim 0, keeping the autograd graph: every rank's gradient flows back
-    to the rank that computed each part, as in CLIP's gather_features."""
+    to the rank that computed each part, as in CLIP's gather_features with --gather-with-grad. `sizes`: each rank's
+    rows when known (no host read), else None."""
     if not is_distributed():
         return tensor
-    return _GatherCat.apply(tensor)
+    return _GatherCat.apply(tensor, sizes)
 
 
-def any_rank(flag: bool, device: str = "cpu") -> bool:
-    """True on every rank when it is True on one (ranks must agree on when to stop). `device`: this rank's
-    device (nccl reduces only CUDA tensors)."""
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean over ranks (for logged values, on log steps only)."""
+    if is_distributed():
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+_host_group = None
+
+
+def host_group():
+    """A gloo group over every rank, for collectives in host memory: the default group on CPU, a second one beside
+    nccl (made at the first call, which every rank makes in the same order)."""
+    global _host_group
+    if _host_group is None:
+        _host_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return _host_group
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is True on one (ranks must agree on when to stop). Reduced in host memory over
+    `host_group`, so it never waits for a GPU stream: called every step, it is no device sync."""
     if not is_distributed():
         return flag
-    box = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(box, op=dist.ReduceOp.MAX)
-    return bool(box.item())
+    box = np.array([int(flag)], dtype=np.int64)  # read through numpy: the tensor shares its memory
+    dist.all_reduce(torch.from_numpy(box), op=dist.ReduceOp.MAX, group=host_group())
+    return bool(box[0])
 
 
 def rank_world() -> tuple[int, int]:

@@ -164,14 +164,29 @@ def text_intermediates(model, tokens: torch.Tensor) -> tuple[torch.Tensor, list[
     return out["text_features"], out["text_intermediates"]
 
 
+def _need_weights(module, args, kwargs):
+    return args, {**kwargs, "need_weights": True, "average_attn_weights": False}
+
+
+def keep_attention_weights(model) -> None:
+    """Make every open_clip attention block of `model` compute its per-head weights from now on (the student of an
+    attention loss): a block that --grad-checkpointing checkpoints is recomputed in the backward, after
+    `forward_features` has returned, and must take the same attention path as in its forward."""
+    for blocks in _attention_blocks(model).values():
+        for block in blocks:
+            block.attn.register_forward_pre_hook(_need_weights, with_kwargs=True)
+    model.kd_keeps_attention_weights = True
+
+
 @contextlib.contextmanager
 def _attentions(model, store: dict):
-    """Per-head attention weights of every open_clip block (open_clip asks torch for none)."""
+    """Per-head attention weights of every open_clip block (open_clip asks torch for none), recorded during this
+    forward only (not during a checkpointed block's recompute)."""
     handles = []
     for tower, blocks in _attention_blocks(model).items():
         for block in blocks:
-            handles.append(block.attn.register_forward_pre_hook(
-                lambda m, a, k: (a, {**k, "need_weights": True, "average_attn_weights": False}), with_kwargs=True))
+            if not getattr(model, "kd_keeps_attention_weights", False):
+                handles.append(block.attn.register_forward_pre_hook(_need_weights, with_kwargs=True))
             handles.append(block.attn.register_forward_hook(lambda m, i, o, t=tower: store[t].append(o[1])))
     try:
         yield
@@ -375,3 +390,18 @@ def forward_features(model, images: torch.Tensor | None, tokens: torch.Tensor | 
     if "masked_image_emb" in wanted:
         out["masked_image_emb"] = masked_image_emb(model, images, mask_ratio, info or describe(model))
     return out
+
+
+def set_grad_checkpointing(model) -> list[str]:
+    """open_clip's activation checkpointing on both towers (`set_grad_checkpointing`); returns the towers that have
+    none in open_clip (a ModifiedResNet image tower), which then run as without."""
+    model.set_grad_checkpointing(True)
+    return ["image"] if isinstance(model.visual, ModifiedResNet) else []
+
+
+def compile_towers(model) -> None:
+    """torch.compile each tower in place (`nn.Module.compile`, so the state-dict keys stay the model's own): the
+    image tower, and the text transformer (a CLIP's is inlined in the model, a CustomTextCLIP's is `model.text`)."""
+    model.visual.compile()
+    text = text_tower(model)
+    (model.transformer if text is model else text).compile()

@@ -11,7 +11,7 @@ from dataclasses import MISSING, dataclass, fields
 
 import click
 
-from common.defaults import DEFAULT_LOSSES, MODES, ON_ERROR_CHOICES
+from common.defaults import DEFAULT_LOSSES, MODES, ON_ERROR_CHOICES, PRECISION_CHOICES
 from common.errors import (NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, POSITIVE_FLOAT, PROBABILITY, SEED,
                            FiniteFloatRange, check_device)
 from stage2_student.reporting import parse_report_to
@@ -137,7 +137,20 @@ class TrainOptions:
     batching: str = option(TRAJECTORY, "shuffle", "cache: replay the build's gradient batches (GD then uses the "
                                                   "cached gradients)", choices=("shuffle", "cache"))
     # compared on --resume as resolved (auto -> bf16 or fp32 on this machine): see Trainer.resume_options
-    precision: str = option(TRAJECTORY, "auto", choices=("auto", "fp32", "bf16"))
+    precision: str = option(TRAJECTORY, "auto", "auto: bf16 autocast on a GPU that has it, else fp32; amp: fp16 "
+                                                "autocast with a GradScaler (V100 / T4), whose skipped steps are "
+                                                "counted (amp_skipped_steps), not failures", choices=PRECISION_CHOICES)
+    accum_freq: int = option(TRAJECTORY, 1, "micro-batches of --batch-size per optimizer step: the step's batch is "
+                                            "--batch-size x --accum-freq (open_clip's feature caching: the exact "
+                                            "big-batch gradient for the pooled losses)", type=POSITIVE)
+    # the same numbers to float summation order: a resumed run may switch them
+    local_loss: bool = option(RESUMABLE, False, "each rank computes its own rows against the global batch "
+                                                "(open_clip's --local-loss: the same gradients, 1/W of the logits' "
+                                                "memory); losses without a local form keep the global one", flag=True)
+    grad_checkpointing: bool = option(RESUMABLE, False, "recompute the towers' blocks in the backward instead of "
+                                                        "keeping their activations (open_clip's "
+                                                        "set_grad_checkpointing: less memory)", flag=True)
+    torchcompile: bool = option(RESUMABLE, False, "torch.compile the student's towers", flag=True)
     device: str = option(RESUMABLE, "cpu", callback=check_device)
     workers: int = option(RESUMABLE, 2, type=NON_NEGATIVE)
     seed: int = option(TRAJECTORY, 0, type=SEED)
@@ -184,6 +197,8 @@ class TrainOptions:
                 raise ValueError(f"{flag(f.name)} {value!r}: choose {', '.join(choices[:-1])} or {choices[-1]}")
         if self.batch_size < 2:
             raise ValueError("--batch-size must be >= 2: contrastive losses need negatives")
+        if self.accum_freq < 1:
+            raise ValueError(f"--accum-freq {self.accum_freq}: give a whole number >= 1")
         if self.resume not in (False, True, "auto"):
             raise ValueError(f"--resume {self.resume!r}: give --resume (continue the run in --out) or --resume auto")
         if self.resume and self.overwrite:

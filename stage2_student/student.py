@@ -1,6 +1,7 @@
 """The student: an open_clip model plus the projections P_v, P_t into each teacher's embedding space."""
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -72,7 +73,7 @@ class Student(nn.Module):
 
     def clamp_logit_scale(self) -> None:
         with torch.no_grad():
-            self.clip.logit_scale.clamp_(0, torch.log(torch.tensor(MAX_LOGIT_SCALE)))
+            self.clip.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, needs: frozenset[str],
                 mask_ratio: float = 0.75) -> StudentOutputs:

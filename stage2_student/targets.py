@@ -22,7 +22,6 @@ import torch
 from common import dist
 from common.cache import MAIN_TEACHER, CacheError, CacheStore, ChunkedRows, read_chunked
 from common.storage import cache_dir
-from common.contrastive import contrastive_loss_grads
 from common.defaults import MODES
 from common.models import LoadedCLIP
 from common.families import forward_features
@@ -125,6 +124,7 @@ class TargetProvider:
             teacher.logit_scale if teacher is not None else None)
         self.logit_bias = cache.teacher_logit_bias if cache is not None else (
             teacher.logit_bias if teacher is not None else None)
+        self.grad_scale = float(cache.attrs.get("grad_scale", 1.0)) if cache is not None else 1.0
         if cache is not None and mode != "live":
             wanted = (needs | (optional if grad_batches else frozenset())) & {
                 "image_emb", "text_emb", "image_grad", "text_grad"}
@@ -151,62 +151,74 @@ class TargetProvider:
     def memory_bytes(self) -> int:
         return sum(a.nbytes for a in self.arrays.values())
 
-    def can_serve_from_cache(self, view: torch.Tensor) -> bool:
-        return self.mode != "live" and bool(self.arrays) and not uncacheable(self.needs) and bool((view >= 0).all())
+    # ---------------------------------------------------------------- in the DataLoader worker
+    def lookup(self, rows: np.ndarray, views: np.ndarray, captions: np.ndarray, grads: bool
+               ) -> dict[str, np.ndarray] | None:
+        """The cached pooled targets of a global micro-batch, as stored (fp16 / int8 embeddings, scaled gradients):
+        `rows` its cache rows, `views` the stored view each sample is shown, `captions` its synthetic caption (-1:
+        its own). None when the cache cannot serve it (live mode, nothing cached, a view the cache does not
+        store). Gradients only for the build's own batches (`grads`) of clean views and own captions; otherwise
+        GD recomputes them from the embeddings, on the device, for the whole batch."""
+        if not self.needs or self.mode == "live" or not self.arrays or bool((views < 0).any()):
+            return None
+        out = {}
+        if "image_emb" in self.arrays:
+            image = self.arrays["image_emb"].take(rows, axis=0)
+            out["image_emb"] = image[np.arange(len(rows)), views] if image.ndim == 3 else image  # (b, 1+K, D)
+        synthetic = np.flatnonzero(captions >= 0)
+        if "text_emb" in self.arrays:
+            text = self.arrays["text_emb"].take(rows, axis=0)
+            if len(synthetic):
+                stored = self.arrays["caption_text_emb"].take(rows[synthetic], axis=0)
+                text[synthetic] = stored[np.arange(len(synthetic)), captions[synthetic]]
+            out["text_emb"] = text
+        # stored gradients are those of the clean view and the sample's own caption
+        if grads and "image_grad" in self.arrays and bool((views == 0).all()) and not len(synthetic):
+            out["image_grad"] = self.arrays["image_grad"].take(rows, axis=0)
+            out["text_grad"] = self.arrays["text_grad"].take(rows, axis=0)
+        return out
 
-    def __call__(self, batch: dict, is_cached_grad_batch: bool) -> TeacherTargets:
+    # ---------------------------------------------------------------- on the device
+    def targets(self, stored: dict[str, torch.Tensor] | None, inputs: dict | None, device: str,
+                sizes: tuple[int, ...]) -> TeacherTargets:
+        """One teacher's targets for a micro-batch on the device: the pooled ones of the whole global micro-batch
+        (from `stored`, the worker's `lookup`, or the live teacher's forward gathered over ranks of `sizes` rows),
+        the per-sample maps (live only) of this rank's rows."""
         if not self.needs:
             return TeacherTargets()
-        if self.can_serve_from_cache(batch["view"]):
+        if stored is not None and not uncacheable(self.needs):
             self.cache_hits += 1
-            return self._from_cache(batch, is_cached_grad_batch)
+            return TeacherTargets(logit_scale=self.logit_scale, logit_bias=self.logit_bias,
+                                  **{name: self.on_device(name, value, device) for name, value in stored.items()})
         self.live_batches += 1
-        targets = self._from_teacher(batch)
-        if self.mode != "live" and self.arrays and bool((batch["view"] >= 0).all()):
-            # token maps / hidden states come live; pooled targets still from the cache
-            cached = self._from_cache(batch, is_cached_grad_batch)
-            targets.image_emb, targets.text_emb = cached.image_emb, cached.text_emb
-            targets.image_grad, targets.text_grad = cached.image_grad, cached.text_grad
+        targets = self._from_teacher(inputs, sizes)
+        if stored is not None:  # token maps / hidden states come live; pooled targets still from the cache
+            for name, value in stored.items():
+                setattr(targets, name, self.on_device(name, value, device))
         return targets
 
-    def _from_cache(self, batch: dict, grads: bool) -> TeacherTargets:
-        rows = batch["cache_rows"].numpy()
-        get = lambda name: torch.from_numpy(self.cache.to_float(name, self.arrays[name].take(rows, axis=0))) \
-            if name in self.arrays else None  # noqa: E731
-        image = self.arrays["image_emb"].take(rows, axis=0) if "image_emb" in self.arrays else None
-        if image is not None and image.ndim == 3:  # (b, 1+K, D): the view each sample was shown
-            image = image[np.arange(len(rows)), batch["view"].numpy()]
-        targets = TeacherTargets(
-            image_emb=torch.from_numpy(self.cache.to_float("image_emb", image)) if image is not None else None,
-            text_emb=get("text_emb"), logit_scale=self.logit_scale, logit_bias=self.logit_bias)
-        caption = batch["caption"].numpy()
-        synthetic = np.flatnonzero(caption >= 0)
-        if len(synthetic) and targets.text_emb is not None:
-            stored = self.arrays["caption_text_emb"].take(rows[synthetic], axis=0)[np.arange(len(synthetic)),
-                                                                                    caption[synthetic]]
-            targets.text_emb[synthetic] = torch.from_numpy(self.cache.to_float("caption_text_emb", stored))
-        if grads and "image_grad" in self.arrays:
-            # stored gradients are those of the clean view and the sample's own caption
-            if bool((batch["view"] == 0).all()) and not len(synthetic):
-                targets.image_grad, targets.text_grad = get("image_grad"), get("text_grad")
-            else:  # recompute them exactly for the views and captions served
-                targets.image_grad, targets.text_grad = contrastive_loss_grads(
-                    targets.image_emb, targets.text_emb, self.logit_scale, self.logit_bias)
-        return targets
+    def on_device(self, name: str, stored: torch.Tensor, device: str) -> torch.Tensor:
+        """float32 targets from stored rows, converted on the device (`CacheStore.to_float`'s rules)."""
+        value = stored.to(device, non_blocking=True).float()
+        if name.endswith("_grad"):
+            return value / self.grad_scale
+        if stored.dtype == torch.int8:  # re-normalised; zero rows stay zero
+            return torch.nn.functional.normalize(value, dim=-1)
+        return value
 
-    def _from_teacher(self, batch: dict) -> TeacherTargets:
+    def _from_teacher(self, inputs: dict | None, sizes: tuple[int, ...]) -> TeacherTargets:
         if self.teacher is None:
             raise CacheError(f"a batch needs live teacher {self.name} but none is loaded")
-        inputs = batch["teacher_inputs"].get(self.name)
         if inputs is None:
             raise CacheError(f"a batch needs live teacher {self.name} but was not rendered for it")
         model = self.teacher.model
         device = next(model.parameters()).device
         wanted = frozenset(_LIVE_FEATURE[n] for n in self.needs if n in _LIVE_FEATURE)
         with torch.inference_mode(), self.teacher.autocast():
-            feats = forward_features(model, inputs["images"].to(device), inputs["tokens"].to(device),
-                                     wanted | {"image_emb", "text_emb"})
-        norm = lambda x: torch.nn.functional.normalize(x.float(), dim=-1).cpu().clone()  # noqa: E731
+            feats = forward_features(model, inputs["images"].to(device, non_blocking=True),
+                                     inputs["tokens"].to(device, non_blocking=True), wanted | {"image_emb", "text_emb"})
+        # out of inference mode (a clone): the losses' backward saves these
+        norm = lambda x: dist.gather_cat(torch.nn.functional.normalize(x.float(), dim=-1), sizes)  # noqa: E731
         clone = lambda x: None if x is None else [t.float().clone() for t in x]  # noqa: E731
         return TeacherTargets(
             image_emb=norm(feats["image_emb"]), text_emb=norm(feats["text_emb"]), logit_scale=self.logit_scale,

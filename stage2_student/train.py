@@ -1,7 +1,8 @@
 """`kd-train`: train a student against cached teacher targets (live teacher as fallback), or plain CLIP.
 
 The loop knows nothing of loss names: the LossSet says what the student must output and which teacher targets
-it needs; the TargetProvider serves them; the loop gathers pooled features across ranks and steps AdamW.
+it needs; the TargetProvider serves them; `stage2_student.step` takes each optimizer step (DDP, --local-loss,
+--accum-freq, --precision amp) without reading anything back to the host; the loop reads on log steps only.
 """
 from __future__ import annotations
 
@@ -37,21 +38,20 @@ from common.model_card import (CARD_FILE, CHECKPOINTS_DIR, EVAL_RESULTS_FILE, PR
 from common.remote_folder import RemoteFolder
 from common.models import (LEGACY_RUN_WEIGHTS, LoadedCLIP, clip_from_provenance, create_clip, model_config,
                            named_weights, weights_fingerprint)
-from stage2_student.data import CaptionPolicy, Renderer, TrainBatches, ViewPolicy, shuffled_rows
+from common.families import compile_towers, keep_attention_weights, set_grad_checkpointing
+from stage2_student.data import (BatchOrder, CaptionPolicy, MicroBatchSampler, Renderer, TrainBatches, ViewPolicy)
 from stage2_student.losses import LossSet, loss_classes, teacher_needs_of
 from stage2_student.optim import adamw_settings, capped_warmup, cooldown_steps, lr_schedule, param_groups
 from stage2_student.options import RESUMABLE_CHANGES, TRAJECTORY_OPTIONS, TrainOptions, flag
 from stage2_student.prepare import create_student
 from stage2_student.reporting import TENSORBOARD_DIR, Reporters, parse_report_to
 from stage2_student.checkpoints import CheckpointHistory
+from stage2_student.step import DistillModel, MicroBatch, OptimizerStep
 from stage2_student.student import Student, check_models_serve_losses, loss_dims
 from stage2_student.targets import TargetProvider, uncacheable
 from stage2_student.validation import Validated, Validation
 
 log = logging.getLogger("kd-train")
-# pooled StudentOutputs / TeacherTargets fields: computed per rank, gathered into the global batch
-_POOLED_STUDENT = ("image_emb", "text_emb", "masked_image_emb")  # projected per teacher after the gather
-_POOLED_TEACHER = ("image_emb", "text_emb", "image_grad", "text_grad")
 # what a run writes (and --overwrite removes): the open_clip hub folder, its card, and what resumes and records it;
 # student.pt is the weights file of runs written before the hub layout (removed at a resumed run's first save)
 RUN_FILES = (*HUB_FILES, *TOKENIZER_FILES, CARD_FILE, PROVENANCE_FILE, EVAL_RESULTS_FILE, "resume.pt",
@@ -87,12 +87,6 @@ def upgrade_single_teacher_resume(state: dict, per_teacher_losses: frozenset[str
     }
 
 
-def gather_fields(obj, names):
-    for name in names:
-        value = getattr(obj, name)
-        if value is not None:
-            setattr(obj, name, dist.gather_cat(value))
-    return obj
 
 
 def rng_state() -> dict:
@@ -105,6 +99,14 @@ def set_rng_state(state: dict) -> None:
     random.setstate((3, tuple(state["python"]), None))
     np_state = np.random.get_state()
     np.random.set_state((np_state[0], np.array(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
+
+
+def resolved_precision(precision: str, device: str) -> str:
+    """--precision auto: bf16 autocast on a GPU that has it, else fp32; amp (fp16 autocast + GradScaler) only asked
+    for (V100 / T4, which lack bf16)."""
+    if precision == "auto":
+        return "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
+    return precision
 
 
 def prepare_out(out: Path, resume: bool | str, overwrite: bool, shown: str | None = None) -> bool:
@@ -170,9 +172,11 @@ class Trainer:
             raise ValueError(f"--batch-size {opts.batch_size} is not divisible by the world size {self.world} "
                              f"(torchrun processes): give a multiple of {self.world}")
         self.device = dist.local_device(opts.device)
+        if self.device.startswith("cuda"):
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as open_clip_train
         self.remote = RemoteFolder(opts.out) if is_remote(opts.out) else None  # trained into a local staging copy
         self.out = self.remote.local if self.remote else Path(opts.out)
-        torch.manual_seed(opts.seed)
+        torch.manual_seed(opts.seed)  # the same on every rank until the models are built
 
         # everything that can be wrong is checked before any training work
         started = time.perf_counter()
@@ -181,9 +185,10 @@ class Trainer:
         self.build_losses()
         self.build_targets()
         self.build_optimizer()
-        self.autocast_dtype = torch.bfloat16 if (opts.precision == "bf16" or (
-            opts.precision == "auto" and self.device.startswith("cuda") and torch.cuda.is_bf16_supported())) else None
         self.validation, self.history = self.validation_and_history()
+        # per-sample randomness (MFD masks, dropout) differs across ranks from here on
+        torch.manual_seed(int(np.random.SeedSequence([opts.seed, self.rank]).generate_state(1)[0]))
+        self.skipped_here = 0  # unreadable samples this rank left out since the run (re)started
         self.step = self.saved_step = 0
         self.lock = ExitStack()  # rank 0 holds the lock on --out until run() ends
         self.claim_out()
@@ -196,7 +201,7 @@ class Trainer:
         opts = self.opts
         self.cache = CacheStore(opts.cache) if opts.cache else None
         self.corpus = Corpus.open(opts.data, on_error=opts.on_error, known=[self.cache.index()] if self.cache else [])
-        self.skipped_samples = 0  # unreadable samples left out of their batches (all ranks)
+        self.skipped_samples = 0  # unreadable samples left out of their batches (all ranks) before this start
         self.stores = self.teacher_stores()  # teacher name -> the store seen from that teacher
         self.cache_rows = join_to_cache(self.corpus, self.cache) if self.cache else None
         self.usable = np.ones(self.corpus.num_samples, bool)
@@ -256,10 +261,11 @@ class Trainer:
         self.student = Student(self.student_clip, {name: c["embed_dim"] if c else None
                                                    for name, c in self.teacher_configs.items()}).to(self.device)
         self.loss_set.to(self.device)
-        self.student_needs = self.loss_set.student_needs
+        self.prepare_student()
         # the loss that reads the masked view says how much to mask
-        self.mask_ratio = next((cls.mask_ratio for cls in self.loss_set.classes.values()
-                                if "masked_image_emb_proj" in cls.student_needs), 0.0)
+        mask_ratio = next((cls.mask_ratio for cls in self.loss_set.classes.values()
+                           if "masked_image_emb_proj" in cls.student_needs), 0.0)
+        self.model = DistillModel(self.student, self.loss_set, mask_ratio, opts.local_loss, opts.accum_freq)
 
     def build_targets(self) -> None:
         """One target provider per teacher: cached targets within --target-memory-gb, the live teacher otherwise."""
@@ -273,23 +279,29 @@ class Trainer:
                         for name in self.teacher_configs}
 
     def build_optimizer(self) -> None:
-        """The run's length, AdamW over the trainable parameters and the learning-rate schedule."""
+        """The run's length (steps of --batch-size x --accum-freq), AdamW over the trainable parameters, the
+        learning-rate schedule and the step that takes them (precision, scaler, accumulation)."""
         opts = self.opts
-        self._batches: tuple[int, np.ndarray] | None = None
-        self.steps_per_epoch = len(self.epoch_batches(0))
+        self.order = BatchOrder(self.corpus, self.usable, opts.seed, opts.shuffle_buffer, opts.batch_size,
+                                opts.accum_freq, self.replayed_batches())
+        self.steps_per_epoch = self.order.steps_per_epoch()
         if self.steps_per_epoch == 0:
-            raise ValueError(f"--batch-size {opts.batch_size} is larger than the {int(self.usable.sum())} usable "
-                             f"samples")
+            raise ValueError(f"--batch-size {opts.batch_size} x --accum-freq {opts.accum_freq} is larger than the "
+                             f"{int(self.usable.sum())} usable samples")
         self.total_steps = opts.steps or opts.epochs * self.steps_per_epoch
         self.warmup = capped_warmup(opts.warmup, self.total_steps)
         self.cooldown = cooldown_steps(opts.epochs_cooldown, opts.steps_cooldown, self.steps_per_epoch,
                                        self.total_steps, self.warmup)
         self.adamw = adamw_settings(self.student.info.image, opts.beta1, opts.beta2, opts.eps)  # beta1, beta2, eps
+        # fused: the step counters stay on the device, and GradScaler's skip is decided there (no host read)
         self.optimizer = torch.optim.AdamW(param_groups([self.student, self.loss_set], opts.wd), lr=opts.lr,
-                                           betas=self.adamw[:2], eps=self.adamw[2])
+                                           betas=self.adamw[:2], eps=self.adamw[2], fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(
             opts.lr_scheduler, self.warmup, self.total_steps, self.cooldown, opts.lr_cooldown_power,
             opts.lr_cooldown_end / opts.lr))
+        self.precision = resolved_precision(opts.precision, self.device)
+        self.optimizer_step = OptimizerStep(self.model, self.optimizer, self.scheduler, self.device, self.precision,
+                                            opts.grad_clip, opts.accum_freq)
 
     def counted_losses(self) -> tuple[list[dict], np.ndarray]:
         """`damage_in_cache`, each damaged shard's exact loss warned about (rank 0)."""
@@ -380,116 +392,122 @@ class Trainer:
             self.remote.download("resume.pt")  # the other nodes' ranks read it from their own staging copy
         dist.barrier()
 
-    # ---------------------------------------------------------------- data
-    def epoch_batches(self, epoch: int) -> np.ndarray:
-        """Global batches of corpus rows for an epoch (drop_last), computed once per epoch."""
-        if self._batches is None or self._batches[0] != epoch:
-            self._batches = (epoch, self._epoch_batches(epoch))
-        return self._batches[1]
+    # ---------------------------------------------------------------- models
+    def prepare_student(self) -> None:
+        """--grad-checkpointing and --torchcompile on the student's towers (open_clip's own switches)."""
+        clip = self.student.clip
+        if "attentions" in self.loss_set.student_needs:
+            keep_attention_weights(clip)  # before compiling: a recompute must take the forward's attention path
+        if self.opts.grad_checkpointing:
+            missing = set_grad_checkpointing(clip)
+            if missing and self.rank == 0:
+                log.warning("--grad-checkpointing: the %s tower of %s has no activation checkpointing in open_clip: "
+                            "it runs as without", " and ".join(missing), self.student_clip.name)
+        if self.opts.torchcompile:
+            compile_towers(clip)
 
-    def _epoch_batches(self, epoch: int) -> np.ndarray:
-        bs = self.opts.batch_size
-        if self.opts.batching == "cache":
-            if self.cache is None:
-                raise ValueError("--batching cache replays a cache's gradient batches: give --cache")
-            grad_batches = self.cache.load("grad_batches")
-            if grad_batches.shape[1] != bs:
-                raise ValueError(f"--batching cache: --batch-size must equal the cache's --grad-batch "
-                                 f"({grad_batches.shape[1]}), got {bs}")
-            corpus_row = np.full(self.cache.num_rows + 1, -1, dtype=np.int64)  # cache row -> corpus row; -1 -> -1
-            corpus_row[self.cache_rows] = np.where(self.usable, np.arange(len(self.cache_rows)), -1)
-            mapped = corpus_row[grad_batches]
-            full = mapped[(mapped >= 0).all(axis=1)]
-            return full[np.random.default_rng([self.opts.seed, epoch]).permutation(len(full))]
-        rows = shuffled_rows(self.corpus, self.usable, self.opts.seed, epoch, self.opts.shuffle_buffer)
-        n = len(rows) // bs
-        return rows[:n * bs].reshape(n, bs)
+    # ---------------------------------------------------------------- data
+    def replayed_batches(self) -> np.ndarray | None:
+        """--batching cache: the build's gradient batches as corpus rows (those whose every row is usable), else
+        None."""
+        if self.opts.batching != "cache":
+            return None
+        if self.cache is None:
+            raise ValueError("--batching cache replays a cache's gradient batches: give --cache")
+        grad_batches = self.cache.load("grad_batches")
+        step_rows = self.opts.batch_size * self.opts.accum_freq
+        if grad_batches.shape[1] != step_rows:
+            raise ValueError(f"--batching cache: --batch-size x --accum-freq must equal the cache's --grad-batch "
+                             f"({grad_batches.shape[1]}), got {self.opts.batch_size} x {self.opts.accum_freq}")
+        corpus_row = np.full(self.cache.num_rows + 1, -1, dtype=np.int64)  # cache row -> corpus row; -1 -> -1
+        corpus_row[self.cache_rows] = np.where(self.usable, np.arange(len(self.cache_rows)), -1)
+        mapped = corpus_row[grad_batches]
+        return mapped[(mapped >= 0).all(axis=1)]
 
     def loader(self, epoch: int, start_step: int) -> DataLoader:
-        dataset = TrainBatches(self.corpus, self.epoch_batches(epoch), self.cache_rows, self.rank, self.world,
+        """Micro-batches from step `start_step` of `epoch` to the run's last step: one DataLoader for the run."""
+        dataset = TrainBatches(self.corpus, self.order, self.cache_rows, self.rank, self.world,
                                Renderer.of(self.student_clip), {n: Renderer.of(t) for n, t in self.teachers.items()},
-                               self.views, epoch, self.opts.on_error, self.captions, self.digests,
-                               self.opts.cache or "")
+                               self.views, self.opts.on_error, self.captions, self.digests, self.opts.cache or "",
+                               self.targets, grad_batches=self.opts.batching == "cache")
+        a = self.opts.accum_freq
+        sampler = MicroBatchSampler(epoch, start_step * a, self.steps_per_epoch * a, self.total_steps * a)
         # its own generator: creating the iterator must not draw from the global RNG (resume reproducibility)
-        return DataLoader(dataset, batch_size=None, sampler=range(start_step, len(dataset)),
-                          num_workers=self.opts.workers, pin_memory=self.device.startswith("cuda"),
+        return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=self.opts.workers,
+                          pin_memory=self.device.startswith("cuda"), persistent_workers=self.opts.workers > 0,
                           generator=torch.Generator().manual_seed(self.opts.seed + epoch),
                           worker_init_fn=dist.worker_dies_with_parent())
 
+    def micro_batch(self, batch: dict) -> MicroBatch:
+        """A loader item on the device, with its teachers' targets. Under --on-error skip the ranks first learn
+        which samples the others left out (host memory, one small collective), so that every rank keeps the
+        same rows of the cached targets."""
+        sizes, cached = batch["planned"], batch["cached"]
+        self.skipped_here += len(batch["skipped"])
+        for skipped in batch["skipped"]:
+            log.warning("step %d: skipped an unreadable sample (--on-error skip): %s", self.step + 1, skipped)
+        if self.opts.on_error == "skip":
+            kept = np.concatenate(dist.all_gather_objects(batch["kept"].numpy(), host=True))
+            sizes = tuple(int(part.sum()) for part in np.split(kept, np.cumsum(sizes)[:-1]))
+            if not kept.all():  # the build's gradients are those of the whole batch: GD recomputes them
+                mask = torch.from_numpy(kept)
+                cached = {name: {field: value[mask] for field, value in targets.items() if not field.endswith("_grad")}
+                          for name, targets in cached.items()}
+        teachers = {name: provider.targets(cached.get(name), batch["teacher_inputs"].get(name), self.device, sizes)
+                    for name, provider in self.targets.items()}
+        return MicroBatch(batch["student_images"].to(self.device, non_blocking=True),
+                          batch["student_tokens"].to(self.device, non_blocking=True), teachers, tuple(sizes))
+
+    def teacher_targets(self, batch: dict, name: str = MAIN_TEACHER):
+        """One teacher's targets for a loader item, on the device (tests, benchmarks)."""
+        return self.micro_batch(batch).teachers[name]
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of one loader item as a whole batch, and its terms as numbers (tests, benchmarks: host reads)."""
+        with self.optimizer_step.autocast():
+            loss, terms = self.model(self.micro_batch(batch))
+        return loss, {name: float(value) for name, value in terms.items()}
+
     # ---------------------------------------------------------------- one step
-    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        device = self.device
-        amp = torch.autocast(device.split(":")[0], dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
-        teachers = {name: self.teacher_targets(provider, batch) for name, provider in self.targets.items()}
-        with amp:
-            student = self.student(batch["student_images"].to(device), batch["student_tokens"].to(device),
-                                   self.student_needs, self.mask_ratio)
-            student = gather_fields(student, _POOLED_STUDENT)
-            students = {name: self.student.project(student, name) for name in teachers}
-        return self.loss_set(students, teachers)
-
-    def teacher_targets(self, provider: TargetProvider, batch: dict):
-        """One teacher's targets for the batch, on this rank's device, pooled ones gathered over ranks."""
-        device = self.device
-        teacher = provider(batch, is_cached_grad_batch=self.opts.batching == "cache")
-        for name in ("image_emb", "text_emb", "image_grad", "text_grad", "image_tokens"):
-            value = getattr(teacher, name)
-            if value is not None:
-                setattr(teacher, name, value.to(device))
-        for name in ("hidden_states", "attentions"):
-            value = getattr(teacher, name)
-            if value is not None:
-                setattr(teacher, name, {k: [t.to(device) for t in v] for k, v in value.items()})
-        return gather_fields(teacher, _POOLED_TEACHER)
-
-    def train_step(self, batch: dict) -> dict:
+    def train_step(self, micro_batches: list[MicroBatch], log_step: bool = True) -> None:
+        """One optimizer step from --accum-freq micro-batches (nothing read back: see `read_step`)."""
         self.student.train()
-        loss, terms = self.compute_loss(batch)
-        terms = {"loss": float(loss.detach()), **terms}
-        non_finite = {name: value for name, value in terms.items() if not math.isfinite(value)}
-        if non_finite:
-            self.stop_non_finite(self.step + 1, f"loss term(s) {non_finite}")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.average_gradients()
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters(), self.opts.grad_clip)
-                          if self.opts.grad_clip else torch.nn.utils.get_total_norm(grads))
-        if not math.isfinite(grad_norm):
-            self.stop_non_finite(self.step + 1, f"gradient norm {grad_norm} (loss terms {terms})")
-        self.optimizer.step()
-        self.scheduler.step()
-        self.student.clamp_logit_scale()
-        self.loss_set.after_step()  # the losses' own learnable scales, clamped like the student's
-        return {**terms, "grad_norm": grad_norm}
+        self.optimizer_step(micro_batches, self.step + 1, log_step)
+
+    def read_step(self) -> dict:
+        """The last step's loss terms and gradient norm (a host read: log steps only); stops on a non-finite loss or
+        gradient since the last read, naming the first such step."""
+        terms, first_bad, amp_skipped = self.optimizer_step.read()
+        if first_bad:
+            losses = {name: value for name, value in terms.items() if name != "grad_norm"}
+            bad = {name: value for name, value in losses.items() if not math.isfinite(value)}
+            self.stop_non_finite(first_bad, (f"loss term(s) {bad}" if bad else f"gradient norm {terms.get('grad_norm')} "
+                                                                             f"(loss terms {losses})")
+                                 if first_bad == self.step else
+                                 f"loss or gradient (read at step {self.step}, whose terms are {terms})")
+        return terms | ({"amp_skipped_steps": amp_skipped} if self.precision == "amp" else {})
 
     def stop_non_finite(self, step: int, what: str) -> None:
         raise NonFiniteError(f"step {step}: non-finite {what}; stopped without saving ({self.out} keeps "
                              f"step {self.saved_step}): lower --lr, set --grad-clip, or check --init and the data")
 
-    def parameters(self):
-        return [p for m in (self.student, self.loss_set) for p in m.parameters() if p.requires_grad]
-
-    def average_gradients(self) -> None:
-        """Each rank's loss is the global-batch loss; all_gather's backward already summed every rank's
-        contribution into the local features, so averaging over ranks gives the global gradient."""
-        if not dist.is_distributed():
-            return
-        for p in self.parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            torch.distributed.all_reduce(p.grad)
-            p.grad /= self.world
+    def skipped_total(self) -> int:
+        """Unreadable samples left out so far, over all ranks (a collective: log steps, saves and the end)."""
+        return self.skipped_samples + sum(dist.all_gather_objects(self.skipped_here, host=True))
 
     # ---------------------------------------------------------------- checkpoints
     def save(self, epoch: int, step_in_epoch: int) -> None:
         if self.saved_step == self.step:
             return
+        self.read_step()  # stops on a non-finite step since the last log: nothing non-finite is ever saved
+        self.optimizer_step.sync_buffers()
         state = self.student.clip.state_dict()
         non_finite = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
         if non_finite:  # checked on every rank (their weights are equal), so that all stop
             self.stop_non_finite(self.step, f"student weights after the update ({', '.join(non_finite[:3])}, ...)")
         self.saved_step = self.step
+        rng = dist.all_gather_objects(rng_state())  # every rank's streams (per-sample randomness differs by rank)
+        skipped = self.skipped_total()
         if self.rank != 0:
             return
         self.out.mkdir(parents=True, exist_ok=True)
@@ -498,9 +516,10 @@ class Trainer:
             "step": self.step, "epoch": epoch, "step_in_epoch": step_in_epoch,
             "student": self.student.state_dict(), "losses": self.loss_set.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "rng": rng_state(), "options": json.dumps(self.resume_options()),
+            "scaler": self.optimizer_step.scaler.state_dict() if self.optimizer_step.scaler else None,
+            "rng": rng, "options": json.dumps(self.resume_options()),
             "target_counts": {name: [p.cache_hits, p.live_batches] for name, p in self.targets.items()},
-            "skipped_samples": self.skipped_samples,
+            "skipped_samples": skipped,
         }
         atomic_write(self.out / "resume.pt", lambda tmp: torch.save(resume, tmp))
         if (self.out / LEGACY_RUN_WEIGHTS).exists():
@@ -575,7 +594,7 @@ class Trainer:
         RESUMABLE_CHANGES, may change and are recorded in options.json from the step they applied), in JSON's
         types (an --image-mean tuple as the list it is stored as)."""
         options = {k: getattr(self.opts, k) for k in TRAJECTORY_OPTIONS} | self.adamw_options() | {
-            "precision": "bf16" if self.autocast_dtype is not None else "fp32", "world": self.world,
+            "precision": self.precision, "world": self.world,
             "teacher_weights": {name: t.fingerprint for name, t in self.teachers.items()}}
         return json.loads(json.dumps(options))
 
@@ -602,7 +621,10 @@ class Trainer:
         self.loss_set.load_state_dict(state["losses"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        if state.get("scaler"):
+            self.optimizer_step.scaler.load_state_dict(state["scaler"])
+        rng = state["rng"]  # every rank's, or (written before per-rank streams) one for all
+        set_rng_state(rng[self.rank] if isinstance(rng, list) else rng)
         for name, provider in self.targets.items():  # counters continue
             provider.cache_hits, provider.live_batches = state["target_counts"][name]
         self.skipped_samples = state["skipped_samples"]
@@ -617,10 +639,11 @@ class Trainer:
             started, first_step = time.perf_counter(), self.step
             last = self.loop(signals)
             seconds = time.perf_counter() - started
-            samples = (self.step - first_step) * self.opts.batch_size
+            samples = (self.step - first_step) * self.opts.batch_size * self.opts.accum_freq
+            skipped = self.skipped_total()
             loss = f", loss {last['loss']:.4f}" if "loss" in last else ""  # no step left: a finished run resumed
             damage = (f"; {len(self.lost)} damaged shard(s) lost {self.lost_count()} after the damage, "
-                      f"{self.skipped_samples} unreadable sample(s) skipped (lost_samples.json)" if self.lost else "")
+                      f"{skipped} unreadable sample(s) skipped (lost_samples.json)" if self.lost else "")
             where = (f"{self.opts.out} (staged in {self.out}, an open_clip hub folder: local-dir:{self.out})"
                      if self.remote else f"{self.out} (an open_clip hub folder: local-dir:{self.out})")
             self.summary = (f"kd-train: wrote {where}: step "
@@ -682,56 +705,65 @@ class Trainer:
     def loop(self, signals: StopSignals) -> dict:
         epoch, start = self.load_resume() if self.opts.resume else (0, 0)
         metrics_path = self.start_files()
-        log.info("%d steps (global batch %d, warm-up %d), %d invalid cache rows skipped, cache targets: %.1f MB %s",
-                 self.total_steps, self.opts.batch_size, self.warmup, self.skipped_invalid,
+        log.info("%d steps (global batch %d%s, warm-up %d), %d invalid cache rows skipped, cache targets: %.1f MB %s",
+                 self.total_steps, self.opts.batch_size * self.opts.accum_freq,
+                 f" = {self.opts.accum_freq} x {self.opts.batch_size}" if self.opts.accum_freq > 1 else "",
+                 self.warmup, self.skipped_invalid,
                  sum(p.memory_bytes for p in self.targets.values()) / 2**20,
                  "of chunks read on demand (over --target-memory-gb)" if any(p.chunked for p in self.targets.values())
                  else f"memory-mapped from this node's copy in {cache_dir() / 'targets'}"
                  if any(p.node_local for p in self.targets.values()) else "in memory")
         last: dict = {}
         window_start, window_samples = time.perf_counter(), 0
+        step_samples = self.opts.batch_size * self.opts.accum_freq
         # closed on an error too, so that the error starts on its own line
         with tqdm(total=self.total_steps, initial=self.step, unit="step", disable=self.rank != 0,
                   dynamic_ncols=True) as bar, self.reporters() as reporters:
+            items = iter(self.loader(epoch, start))
             while self.step < self.total_steps:
-                for batch in self.loader(epoch, start):
-                    for skipped in batch["skipped"]:
-                        log.warning("step %d: skipped an unreadable sample (--on-error skip): %s", self.step + 1,
-                                    skipped)
-                    self.skipped_samples += sum(dist.all_gather_objects(len(batch["skipped"])))
-                    terms = self.train_step(batch)
-                    self.step += 1
-                    start += 1
-                    window_samples += self.opts.batch_size
-                    bar.update(1)
-                    if self.step % self.opts.log_every == 0 or self.step == self.total_steps or self.step == 1:
-                        elapsed = time.perf_counter() - window_start
-                        hits = sum(p.cache_hits for p in self.targets.values())
-                        live = sum(p.live_batches for p in self.targets.values())
-                        last = {"step": self.step, "epoch": epoch, "lr": self.scheduler.get_last_lr()[0], **terms,
-                                "samples_per_s": window_samples / elapsed if elapsed else None,
-                                "cache_hits": hits, "live_batches": live, "skipped_samples": self.skipped_samples,
-                                "damaged_shards": len(self.corpus.lost),
-                                "cache_hit_rate": hits / (hits + live) if hits + live else None}
-                        window_start, window_samples = time.perf_counter(), 0
-                        bar.set_postfix(loss=f"{terms['loss']:.4f}")
-                        if self.rank == 0:
-                            with metrics_path.open("a") as f:
-                                f.write(json.dumps(last) + "\n")
-                            reporters.log(last)
-                    self.validate_if_due(start, reporters)
-                    if self.step % self.opts.save_every == 0:
-                        self.save(epoch, start)
-                    if dist.any_rank(signals.received is not None, self.device):
-                        self.stop_on_signal(signals.received or signal.SIGTERM, epoch, start)
-                    if self.step >= self.total_steps:
-                        break
-                else:
+                micro_batches = [self.micro_batch(next(items)) for _ in range(self.opts.accum_freq)]
+                if self.optimizer_step.wrapped is self.model:  # the first step: DDP wraps the model
+                    self.distribute(micro_batches)
+                log_step = self.step + 1 in (1, self.total_steps) or (self.step + 1) % self.opts.log_every == 0
+                self.train_step(micro_batches, log_step)
+                self.step += 1
+                start += 1
+                window_samples += step_samples
+                bar.update(1)
+                if log_step:
+                    terms = self.read_step()
+                    elapsed = time.perf_counter() - window_start
+                    hits = sum(p.cache_hits for p in self.targets.values())
+                    live = sum(p.live_batches for p in self.targets.values())
+                    last = {"step": self.step, "epoch": epoch, "lr": self.scheduler.get_last_lr()[0], **terms,
+                            "samples_per_s": window_samples / elapsed if elapsed else None,
+                            "cache_hits": hits, "live_batches": live, "skipped_samples": self.skipped_total(),
+                            "damaged_shards": len(self.corpus.lost),
+                            "cache_hit_rate": hits / (hits + live) if hits + live else None}
+                    window_start, window_samples = time.perf_counter(), 0
+                    bar.set_postfix(loss=f"{terms['loss']:.4f}")
+                    if self.rank == 0:
+                        with metrics_path.open("a") as f:
+                            f.write(json.dumps(last) + "\n")
+                        reporters.log(last)
+                self.validate_if_due(start, reporters)
+                if start == self.steps_per_epoch:
                     epoch, start = epoch + 1, 0
                     self.save(epoch, start)
+                if self.step % self.opts.save_every == 0:
+                    self.save(epoch, start)
+                if dist.any_rank(signals.received is not None):
+                    self.stop_on_signal(signals.received or signal.SIGTERM, epoch, start)
         self.save(epoch, start)
         dist.barrier()
         return last
+
+    def distribute(self, micro_batches: list[MicroBatch]) -> None:
+        """Under torchrun: wrap the model in DDP (see `OptimizerStep.distribute`)."""
+        frozen = self.optimizer_step.distribute(micro_batches)
+        if frozen and self.rank == 0:
+            log.info("%d parameter(s) that no chosen loss reaches get no gradient and stay as they are: %s%s",
+                     len(frozen), ", ".join(frozen[:4]), ", ..." if len(frozen) > 4 else "")
 
     def stop_on_signal(self, signum: int, epoch: int, start: int) -> None:
         self.save(epoch, start)

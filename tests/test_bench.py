@@ -18,6 +18,7 @@ KEYS = {
     "bench_build.py": {"times_s", "inside_builds", "ratios_vs_forward", "store_sizes", "profile"},
     "bench_cache_chunks.py": {"configs", "logical_bytes"},
     "bench_captions.py": {"runs", "image_tower_s"},
+    "bench_ddp.py": {"host_reads", "two_rank_samples_per_s"},
     "bench_faiss.py": {"exact", "approximate"},
     "bench_families.py": {"families"},
     "bench_integrity.py": {"target_copy", "sample_digests"},

@@ -140,7 +140,7 @@ def test_ensemble_from_cache_equals_live_teachers_with_synthetic_captions(store,
     cached = Trainer(options(synth_corpus, tmp_path / "a", teacher_targets="cache", **kw))
     live = Trainer(options(synth_corpus, tmp_path / "b", teacher_targets="live", **kw))
     assert list(cached.targets) == ["main", "b"] and set(live.teachers) == {"main", "b"}
-    batch, live_batch = cached.loader(0, 0).dataset[0], live.loader(0, 0).dataset[0]
+    batch, live_batch = cached.loader(0, 0).dataset[0, 0], live.loader(0, 0).dataset[0, 0]
     assert batch["teacher_inputs"] == {} and set(live_batch["teacher_inputs"]) == {"main", "b"}
     assert 0 < int((batch["caption"] >= 0).sum()) < 32  # about half the samples show a synthetic caption
     assert torch.equal(batch["student_tokens"], live_batch["student_tokens"])

@@ -128,6 +128,30 @@ def test_lossset_total_is_weighted_sum_and_fp32_under_bf16_autocast():
     assert terms_amp == pytest.approx(terms, rel=1e-6)  # bf16 matmuls would be off by 1e-5 to 3e-3
 
 
+@pytest.mark.parametrize("sigmoid", [False, True], ids=["softmax", "sigmoid"])
+def test_local_forms_add_up_to_the_global_loss_and_gradient(sigmoid):
+    """--local-loss: each rank's rows against the whole batch, weighted by its share. Over a split of the batch
+    into two "ranks" of unequal size (as after a skipped sample), the weighted local values add up to the global
+    value and gradient of every loss that has a local form (one process: a rank's weight is b / B; under torchrun
+    W b / B, whose mean over ranks is the same sum)."""
+    local = sorted(name for name, cls in LOSSES.items() if cls.local_form)
+    assert local == ["afd", "crd", "fd", "icl", "mfd", "task"]
+    student, teacher = make_batch(sigmoid=sigmoid)
+    losses = LossSet(",".join(local), DIMS)
+    inputs = [t for t in student_tensors(student, losses.student_needs) if t.requires_grad]
+    total, terms = losses(student, teacher)
+    expected = torch.autograd.grad(total, inputs)
+    parts = [losses(dataclasses.replace(student, rows=rows), teacher) for rows in (torch.arange(3), torch.arange(3, B))]
+    summed = parts[0][0] + parts[1][0]
+    for name in local:
+        assert (parts[0][1][name] + parts[1][1][name]).item() == pytest.approx(terms[name].item(), rel=1e-5), name
+    for got, want in zip(torch.autograd.grad(summed, inputs), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    no_local = LossSet("gd,cka", DIMS)  # these keep the global form on every rank
+    assert no_local(dataclasses.replace(student, rows=torch.arange(3)), teacher)[0].item() == pytest.approx(
+        no_local(student, teacher)[0].item(), rel=1e-6)
+
+
 # ---------------------------------------------------------------- task, CRD, FD, MFD
 def test_task_is_the_clip_loss_of_the_normalised_student():
     student, _ = make_batch()

@@ -1,6 +1,7 @@
 """Stage two: kd-train against the cache and the live teacher, checkpoints, resume, ranks, bad input."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -58,9 +59,9 @@ def test_cache_and_live_teacher_give_the_same_losses(synth_corpus, cache, tmp_pa
     losses = "task,crd,fd,icl,afd,gd,cka"
     by_cache = Trainer(options(synth_corpus, tmp_path / "a", cache=str(cache), losses=losses, teacher_targets="cache"))
     live = Trainer(options(synth_corpus, tmp_path / "b", cache=str(cache), losses=losses, teacher_targets="live"))
-    batch = by_cache.loader(0, 0).dataset[0]
+    batch = by_cache.loader(0, 0).dataset[0, 0]
     assert batch["teacher_inputs"] == {}  # nothing is rendered for the teacher when the cache serves all
-    live_batch = live.loader(0, 0).dataset[0]
+    live_batch = live.loader(0, 0).dataset[0, 0]
     assert torch.equal(batch["rows"], live_batch["rows"])
     _, cached_terms = by_cache.compute_loss(batch)
     _, live_terms = live.compute_loss(live_batch)
@@ -88,14 +89,14 @@ def test_icl_afd_mfd_through_live_fallback_with_fresh_crops(synth_corpus, cache,
 def test_augment_with_stored_views_is_served_from_cache(synth_corpus, cache_views, tmp_path):
     trainer = Trainer(options(synth_corpus, tmp_path, cache=str(cache_views), losses="fd", augment=True,
                               teacher_targets="cache"))
-    batch = trainer.loader(0, 0).dataset[0]
+    batch = trainer.loader(0, 0).dataset[0, 0]
     assert set(batch["view"].tolist()) <= {1, 2}
     # the regenerated crop matches the teacher's stored embedding of that view
     live = Trainer(options(synth_corpus, tmp_path / "live", cache=str(cache_views), losses="fd", augment=True,
                            teacher_targets="live"))
-    live_batch = live.loader(0, 0).dataset[0]
-    cached = trainer.targets["main"](batch, False).image_emb
-    fresh = live.targets["main"](live_batch, False).image_emb
+    live_batch = live.loader(0, 0).dataset[0, 0]
+    cached = trainer.teacher_targets(batch).image_emb
+    fresh = live.teacher_targets(live_batch).image_emb
     assert torch.nn.functional.cosine_similarity(cached, fresh).min() > 0.999
     hits_before = trainer.targets["main"].cache_hits
     assert trainer.run()["cache_hits"] - hits_before == 2
@@ -110,15 +111,14 @@ def test_teacher_targets_cache_refuses_what_it_cannot_serve(synth_corpus, cache,
 
 def test_gd_cached_gradients_equal_recomputed(synth_corpus, cache, tmp_path):
     trainer = Trainer(options(synth_corpus, tmp_path, cache=str(cache), losses="gd", batching="cache"))
-    batch = trainer.loader(0, 0).dataset[0]
+    batch = trainer.loader(0, 0).dataset[0, 0]
     group = zarr.open_group(str(cache), mode="r")
     assert sorted(batch["cache_rows"].tolist()) in [sorted(b.tolist()) for b in group["grad_batches"][...]]
-    with_cached = trainer.targets["main"](batch, is_cached_grad_batch=True)
+    with_cached = trainer.teacher_targets(batch)
     assert with_cached.image_grad is not None
-    recomputed = trainer.targets["main"](batch, is_cached_grad_batch=False)
-    assert recomputed.image_grad is None
+    recomputed = dataclasses.replace(with_cached, image_grad=None, text_grad=None)  # GD recomputes them
     student = trainer.student.project(trainer.student(batch["student_images"], batch["student_tokens"],
-                                                      trainer.student_needs), "main")
+                                                      trainer.model.needs), "main")
     gd = trainer.loss_set.losses["gd"].members["main"]
     # stored gradients are g * grad_batch / s_t in fp16: each entry within 2^-11 of the exact one
     assert gd(student, with_cached).item() == pytest.approx(gd(student, recomputed).item(), rel=1e-3)
@@ -126,7 +126,7 @@ def test_gd_cached_gradients_equal_recomputed(synth_corpus, cache, tmp_path):
 
 def test_mfd_student_sees_only_the_kept_patches(synth_corpus, cache, tmp_path):
     trainer = Trainer(options(synth_corpus, tmp_path, cache=str(cache), losses="mfd"))
-    batch = trainer.loader(0, 0).dataset[0]
+    batch = trainer.loader(0, 0).dataset[0, 0]
     images, tokens = batch["student_images"][:2], batch["student_tokens"][:2]
     student = trainer.student
     n_patches = (24 // 8) ** 2
@@ -172,7 +172,7 @@ def test_invalid_cache_rows_are_skipped_and_counted(synth_corpus, cache, tmp_pat
     group["valid"][:] = valid
     trainer = Trainer(options(synth_corpus, tmp_path / "run", cache=str(copy), losses="fd"))  # tmp_path holds the copy
     assert trainer.skipped_invalid == 3
-    rows = trainer.epoch_batches(0).ravel()
+    rows = trainer.order.micro_batches(0).ravel()
     assert not {3, 70, 150} & set(rows.tolist())
 
 
@@ -253,10 +253,12 @@ def test_targets_over_the_memory_budget_are_read_chunk_aware(synth_corpus, cache
     assert not in_memory.targets["main"].chunked and chunked.targets["main"].chunked
     requested = 0
     for step in range(3):
-        batch = in_memory.loader(0, 0).dataset[step]
+        batch = in_memory.loader(0, 0).dataset[0, step]
         assert set(batch["view"].tolist()) <= {1, 2}  # stored views: the (N, 1+K, D) path
-        a, b = in_memory.targets["main"](batch, True), chunked.targets["main"](batch, True)
-        for name in ("image_emb", "text_emb", "image_grad", "text_grad"):
+        # each trainer's own loader item: the targets are looked up where the item is made
+        a, b = in_memory.teacher_targets(batch), chunked.teacher_targets(chunked.loader(0, 0).dataset[0, step])
+        assert a.image_grad is None and b.image_grad is None  # augmented views: GD recomputes the gradients
+        for name in ("image_emb", "text_emb"):
             assert torch.equal(getattr(a, name), getattr(b, name)), name
         requested += len(batch["cache_rows"])
     reads = chunked.targets["main"].arrays["image_emb"].chunk_reads

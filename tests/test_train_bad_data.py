@@ -60,9 +60,9 @@ def test_on_error_skip_leaves_the_sample_out_and_counts_it(skip_run, tmp_path):
     assert len(metrics) == 4 and metrics[-1]["skipped_samples"] == 1  # one epoch: the sample was drawn once
     trainer = Trainer(TrainOptions(data=str(data), out=str(tmp_path / "direct"), student=STUDENT, losses="task",
                                    batch_size=16, epochs=1, workers=0, on_error="skip"))
-    planned = trainer.epoch_batches(0)
+    planned = trainer.order.micro_batches(0)
     step = int(np.flatnonzero((planned == 5).any(axis=1))[0])
-    batch = trainer.loader(0, 0).dataset[step]
+    batch = trainer.loader(0, 0).dataset[0, step]
     assert batch["rows"].tolist() == [r for r in planned[step].tolist() if r != 5]  # the others, in their order
     assert len(batch["skipped"]) == 1 and "000000005" in batch["skipped"][0]
     assert batch["student_images"].shape[0] == 15

@@ -16,9 +16,15 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=-1)
 
 
-def diag_ce(logits: torch.Tensor) -> torch.Tensor:
-    """CE(logits, y) with y = arange(B): row i's positive is column i."""
-    return F.cross_entropy(logits, torch.arange(logits.shape[0], device=logits.device))
+def diag_ce(logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """CE(logits, y): row i's positive is column i, or with `rows` (a rank's anchors, --local-loss) the logits'
+    row i is the batch's row rows[i]."""
+    return F.cross_entropy(logits, torch.arange(logits.shape[0], device=logits.device) if rows is None else rows)
+
+
+def anchors(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """The rows a loss anchors on: all of them (global form), or a rank's own (local form)."""
+    return x if rows is None else x[rows]
 
 
 class LogitScale(nn.Module):

@@ -20,16 +20,20 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from common.cache import MAIN_TEACHER
+from common.dist import rank_world
 
 from ._ops import LogitScale
 
+# Student outputs that are pooled per sample (gathered across ranks, cached across micro-batches under --accum-freq)
+POOLED_STUDENT_NEEDS = frozenset({"image_emb", "text_emb", "logit_scale", "logit_bias", "image_emb_proj",
+                                  "text_emb_proj", "masked_image_emb", "masked_image_emb_proj"})
 # Teacher targets the cache can hold; anything else comes from the live teacher.
 CACHEABLE_TARGETS = frozenset({"image_emb", "text_emb", "logit_scale", "logit_bias", "image_grad", "text_grad"})
 
@@ -65,6 +69,9 @@ class StudentOutputs:
     # per token); L = the batch's longest caption, labels -100 at padding
     caption_logits: torch.Tensor | None = None  # (B, L-1, V)
     caption_labels: torch.Tensor | None = None  # (B, L-1) token ids
+    # --local-loss: the indices of this rank's rows in the gathered batch, the anchors of losses with a local form
+    # (their value is then the mean over these rows against every column); None: the global form, alike on every rank
+    rows: torch.Tensor | None = None
 
 
 @dataclass
@@ -92,6 +99,9 @@ class DistillLoss(nn.Module):
     ensemble: ClassVar[str] = "per_teacher"  # or "joint": see the module docstring
     # whether the loss can learn from a sigmoid-loss (SigLIP) teacher; each docstring says what it does with one
     sigmoid_teacher: ClassVar[bool] = True
+    # whether `forward` honours `StudentOutputs.rows` (--local-loss): the mean over those anchor rows, each against
+    # the whole gathered batch; the others compute the global form on every rank
+    local_form: ClassVar[bool] = False
 
     def __init__(self, dims: Dims):
         super().__init__()
@@ -216,29 +226,52 @@ class LossSet(nn.Module):
             if isinstance(module, DistillLoss):
                 module.after_step()
 
+    @property
+    def per_micro_batch(self) -> frozenset[str]:
+        """Losses that read per-sample maps (tokens, hidden states, attentions, caption logits), which are not
+        gathered: under --accum-freq each micro-batch's value is accumulated (plain accumulation). The others read
+        pooled features only and are computed on the whole accumulated batch (open_clip's feature caching)."""
+        return frozenset(name for name, cls in self.classes.items() if cls.student_needs - POOLED_STUDENT_NEEDS)
+
     def forward(self, student: StudentOutputs | dict[str, StudentOutputs],
-                teacher: TeacherTargets | dict[str, TeacherTargets]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Weighted sum, and each unweighted term for the log (with several teachers also `name@teacher`).
+                teacher: TeacherTargets | dict[str, TeacherTargets],
+                names: frozenset[str] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Weighted sum of the losses `names` (default: all), and each unweighted term for the log (with several
+        teachers also `name@teacher`), as detached tensors: nothing here reads a value back to the host.
+
+        --local-loss (`StudentOutputs.rows` set): a loss with a local form is scaled by W b / B (W ranks, b of the B
+        gathered rows its anchors), so that the mean over ranks of each rank's value is the global loss; DDP's mean
+        of the ranks' gradients is then the global gradient. The others compute the global form.
 
         Runs with autocast off: the losses cast their inputs to float32, and under bf16 autocast their matmuls
         (logits, Gram matrices, projections) would otherwise still run in bf16.
         """
         students = student if isinstance(student, dict) else {MAIN_TEACHER: student}
         teachers = teacher if isinstance(teacher, dict) else {MAIN_TEACHER: teacher}
-        names = self.teacher_names
+        names_ = self.teacher_names
+        first = students[names_[0]]
+        global_form = {name: replace(s, rows=None) for name, s in students.items()}
+        local_weight = 1.0
+        if first.rows is not None:
+            local_weight = rank_world()[1] * first.rows.shape[0] / first.image_emb.shape[0]
         total, terms = 0.0, {}
-        with torch.autocast(students[names[0]].image_emb.device.type, enabled=False):
+        with torch.autocast(first.image_emb.device.type, enabled=False):
             for name, loss in self.losses.items():
+                if names is not None and name not in names:
+                    continue
+                local = first.rows is not None and self.classes[name].local_form
+                inputs = students if local else global_form
                 if isinstance(loss, PerTeacher):
-                    parts = loss(students, teachers)
+                    parts = loss(inputs, teachers)
                     value = torch.stack(list(parts.values())).mean()
                     if len(parts) > 1:
-                        terms |= {f"{name}@{t}": float(v.detach()) for t, v in parts.items()}
+                        terms |= {f"{name}@{t}": (local_weight * v if local else v).detach() for t, v in parts.items()}
                 elif self.classes[name].teacher_needs:
-                    value = loss.forward_teachers(students[names[0]], [teachers[t] for t in names])
+                    value = loss.forward_teachers(inputs[names_[0]], [teachers[t] for t in names_])
                 else:
-                    value = loss(students[names[0]], TeacherTargets())
-                terms[name] = float(value.detach())
+                    value = loss(inputs[names_[0]], TeacherTargets())
+                if local:
+                    value = local_weight * value
+                terms[name] = value.detach()
                 total = total + self.weights[name] * value
         return total, terms
-

@@ -34,6 +34,9 @@ class CKA(DistillLoss):
     Default weight 15: the official weight on the logit form. It multiplies each term, so the relation term gets
     exactly the official weight and each embedding term (the same kind of quantity, 1 - cosine of Gram matrices)
     the same; pass `cka:5` to give the sum of the three the official weight instead.
+
+    No local form: CKA centres and normalises over the whole batch (a ratio of batch-wide sums, not a mean over
+    rows), so under --local-loss each rank still computes it on the global batch.
     """
     name = "cka"
     default_weight = 15.0

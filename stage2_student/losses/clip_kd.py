@@ -15,7 +15,7 @@ from torch import nn
 
 from common.contrastive import clip_loss, contrastive_loss, contrastive_loss_grads
 
-from ._ops import LogitScale, diag_ce, normalise
+from ._ops import LogitScale, anchors, diag_ce, normalise
 from .base import DistillLoss, Dims, StudentOutputs, TeacherTargets, register_loss
 
 _TEACHER_EMB = frozenset({"image_emb", "text_emb"})
@@ -30,15 +30,19 @@ class Task(DistillLoss):
     Softmax CLIP: 0.5 [CE(s I Tᵀ, y) + CE(s T Iᵀ, y)], I = norm(I_s), T = norm(T_s). A student with a logit bias
     (SigLIP-style config, `init_logit_bias`) trains with the sigmoid loss -(1/B) sum_ij log σ(y_ij (s I_i·T_j + b)),
     y = 2 Id - 1 (open_clip's `SigLipLoss`), so its bias learns. Reads no teacher target.
+
+    Local form (--local-loss): the rank's image rows against every text and its text rows against every image
+    (sigmoid: its image rows against every text), labels offset to the rows' place, as open_clip's `ClipLoss`.
     """
     name = "task"
     default_weight = 1.0
     student_needs = frozenset({"image_emb", "text_emb", "logit_scale", "logit_bias"})
+    local_form = True
 
     def forward(self, student: StudentOutputs, teacher: TeacherTargets) -> torch.Tensor:
         bias = None if student.logit_bias is None else student.logit_bias.float()
         return contrastive_loss(normalise(student.image_emb), normalise(student.text_emb),
-                                student.logit_scale.float(), bias)
+                                student.logit_scale.float(), bias, student.rows)
 
 
 @register_loss
@@ -56,24 +60,32 @@ class CRD(DistillLoss):
 
     Sigmoid teacher or student: the distributions are softmaxes of s_t I_t T_tᵀ and s I Tᵀ at each one's own
     scale; a bias adds the same constant to every logit of a row, so it cancels and is not read.
+
+    Local form (--local-loss): the KL of the rank's image rows (over every text) and of its text rows (over every
+    image); both distributions are row-wise, so nothing else of the B x B matrices is needed.
     """
     name = "crd"
     default_weight = 1.0
     teacher_needs = _TEACHER_EMB_SCALE
     ensemble = "joint"
+    local_form = True
 
     def forward(self, student: StudentOutputs, teacher: TeacherTargets) -> torch.Tensor:
         return self.forward_teachers(student, [teacher])
 
     def forward_teachers(self, student: StudentOutputs, teachers: list[TeacherTargets]) -> torch.Tensor:
-        z_s = student.logit_scale.float() * normalise(student.image_emb) @ normalise(student.text_emb).t()
-        z_t = [t.logit_scale * t.image_emb.float() @ t.text_emb.float().t() for t in teachers]
+        rows, s = student.rows, student.logit_scale.float()
+        image, text = normalise(student.image_emb), normalise(student.text_emb)
 
         def kl(s: torch.Tensor, t: list[torch.Tensor]) -> torch.Tensor:
             log_mean = torch.stack([z.log_softmax(1) for z in t]).logsumexp(0) - math.log(len(t))
             return F.kl_div(s.log_softmax(1), log_mean, reduction="batchmean", log_target=True)
 
-        return 0.5 * (kl(z_s, z_t) + kl(z_s.t(), [z.t() for z in z_t]))
+        image_rows = kl(s * anchors(image, rows) @ text.t(),
+                        [t.logit_scale * anchors(t.image_emb.float(), rows) @ t.text_emb.float().t() for t in teachers])
+        text_rows = kl(s * anchors(text, rows) @ image.t(),
+                       [t.logit_scale * anchors(t.text_emb.float(), rows) @ t.image_emb.float().t() for t in teachers])
+        return 0.5 * (image_rows + text_rows)
 
 
 @register_loss
@@ -84,18 +96,20 @@ class FD(DistillLoss):
 
     Several teachers (per teacher, averaged): each through the student's own projection into that teacher's
     space, since teachers' embeddings differ in width and basis and have no meaningful average. Sigmoid teacher or
-    student: embeddings only, so scale and bias play no part.
+    student: embeddings only, so scale and bias play no part. Local form (--local-loss): the rank's rows.
     """
     name = "fd"
     default_weight = 2000.0
     student_needs = _STUDENT_PROJ
     teacher_needs = _TEACHER_EMB
+    local_form = True
     image_field: ClassVar[str] = "image_emb_proj"  # which student image embedding is matched (MFD: masked view)
 
     def forward(self, student: StudentOutputs, teacher: TeacherTargets) -> torch.Tensor:
-        image = normalise(getattr(student, self.image_field))
-        return (F.mse_loss(image, teacher.image_emb.float())
-                + F.mse_loss(normalise(student.text_emb_proj), teacher.text_emb.float()))
+        rows = student.rows
+        image = normalise(anchors(getattr(student, self.image_field), rows))
+        return (F.mse_loss(image, anchors(teacher.image_emb, rows).float())
+                + F.mse_loss(normalise(anchors(student.text_emb_proj, rows)), anchors(teacher.text_emb, rows).float()))
 
 
 @register_loss
@@ -149,6 +163,9 @@ class GD(DistillLoss):
     (`common.contrastive.sigmoid_loss_grads`): the teacher's at (s_t, b_t), the student's at its own scale s and
     its own bias when it has one, else at b_t (the gradient's shape depends on the bias; a softmax student has
     none to offer). The calibration above is the softmax loss's; the sigmoid gradients are of the same order.
+
+    No local form: a row of g_img needs its column of Q, i.e. every text row's softmax over the whole batch, so
+    under --local-loss each rank still computes the global B x B form.
     """
     name = "gd"
     default_weight = 3e4
@@ -184,7 +201,7 @@ class GD4(DistillLoss):
 
     Sigmoid teacher: refused. The four terms are the two directions of the softmax loss, and the sigmoid loss has
     no directions; use `gd`, which matches the sigmoid loss's own gradients. A sigmoid student is fine (its
-    embeddings are matched; its bias is not read).
+    embeddings are matched; its bias is not read). No local form (as GD: dL/dk needs every row's softmax).
     """
     name = "gd4"
     sigmoid_teacher = False
@@ -211,22 +228,24 @@ class ICL(DistillLoss):
     Several teachers (per teacher, averaged): the student's anchors in each teacher's space against that teacher's
     keys, each pair with its own learnable scale (the teachers' similarity sharpness differs). Sigmoid teacher or
     student: as written, a softmax CE over the teacher's keys with the loss's own scale; neither model's scale or
-    bias is read (the CLIP-KD form: the keys are what the teacher contributes).
+    bias is read (the CLIP-KD form: the keys are what the teacher contributes). Local form (--local-loss): the
+    rank's student anchors against every teacher key.
     """
     name = "icl"
     default_weight = 1.0
     student_needs = _STUDENT_PROJ
     teacher_needs = _TEACHER_EMB
+    local_form = True
 
     def __init__(self, dims: Dims):
         super().__init__(dims)
         self.scale = LogitScale()
 
     def forward(self, student: StudentOutputs, teacher: TeacherTargets) -> torch.Tensor:
-        c = self.scale()
-        image, text = normalise(student.image_emb_proj), normalise(student.text_emb_proj)
-        return 0.5 * (diag_ce(c * image @ teacher.text_emb.float().t())
-                      + diag_ce(c * text @ teacher.image_emb.float().t()))
+        c, rows = self.scale(), student.rows
+        image, text = normalise(anchors(student.image_emb_proj, rows)), normalise(anchors(student.text_emb_proj, rows))
+        return 0.5 * (diag_ce(c * image @ teacher.text_emb.float().t(), rows)
+                      + diag_ce(c * text @ teacher.image_emb.float().t(), rows))
 
 
 @register_loss
@@ -238,12 +257,14 @@ class AFD(DistillLoss):
     (the public code sized W as D_s + D_t -> D_s, wrong when D_s != D_t). Weight 1 (paper).
 
     Several teachers (per teacher, averaged): one fusion layer per teacher, sized for its width D_t. Sigmoid
-    teacher or student: as written (a softmax CLIP loss on the fused features at the loss's own scale).
+    teacher or student: as written (a softmax CLIP loss on the fused features at the loss's own scale). Local form
+    (--local-loss): every row is fused (per sample, cheap), the CLIP loss anchors on the rank's rows.
     """
     name = "afd"
     default_weight = 1.0
     student_needs = _STUDENT_PROJ
     teacher_needs = _TEACHER_EMB
+    local_form = True
 
     def __init__(self, dims: Dims):
         super().__init__(dims)
@@ -256,4 +277,4 @@ class AFD(DistillLoss):
             return normalise(fusion(torch.cat([normalise(s), t.float()], dim=1)))
 
         return clip_loss(fuse(self.image_fusion, student.image_emb_proj, teacher.image_emb),
-                         fuse(self.text_fusion, student.text_emb_proj, teacher.text_emb), self.scale())
+                         fuse(self.text_fusion, student.text_emb_proj, teacher.text_emb), self.scale(), student.rows)

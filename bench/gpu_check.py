@@ -11,6 +11,11 @@
    cached targets equal the live teacher's (min cosine per row >= 0.999 each).
 4. retrieval: FAISS flat on the GPU vs the CPU at --faiss-captions captions, recall equal (skipped when faiss
    is not installed or has no GPU support).
+5. paths: the trainer's GPU paths on the build's store, cached KD at --batch-size, interleaved: the plain step,
+   --accum-freq 2 (two micro-batches of half the batch), --grad-checkpointing, --torchcompile, --precision amp and
+   --local-loss (one rank: its own rows are all rows), each step's time and peak device memory; host reads per
+   step counted (goal: 0); the first step's gradients of accumulation and checkpointing equal the plain step's,
+   and the compiled loss the eager one. The multi-rank DDP step itself needs two GPUs: `bench/bench_ddp.py`.
 
 Writes the results and a pass / fail per goal (JSON with --json, rewritten after each step), and exits 1 when
 an agreement check fails or a step raised (the other steps still run): slow is a finding, different numbers are
@@ -33,6 +38,7 @@ import torch
 import _common as C  # noqa: N812 - also puts the repo on sys.path
 import bench_build
 import bench_train
+from stage2_student.train import Trainer, TrainOptions
 from common.cache import CacheStore
 from stage1_teacher.build import BuildOptions, build_cache
 
@@ -56,7 +62,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--chunk-rows", type=int, default=256, help="store chunk rows = build block: one per worker")
     p.add_argument("--build-workers", type=int, nargs="+", default=[6, 12], help="decode workers, one build each")
     p.add_argument("--train-workers", type=int, default=12, help="training DataLoader workers")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16", help="training precision")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16",
+                   help="training precision (the amp path is measured beside it)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds of the builds and of the steps")
     p.add_argument("--warmup", type=int, default=2, help="training rounds run first and not measured")
     p.add_argument("--batches", type=int, default=4, help="pre-loaded training batches")
@@ -164,7 +171,95 @@ def retrieval_goals(args, faiss: dict) -> list[dict]:
                  faiss["equal"] if on_gpu else None, f"{args.faiss_captions} captions" if on_gpu else why_not)]
 
 
-GOALS = {"build": build_goals, "train": train_goals, "agreement": agreement_goals, "retrieval": retrieval_goals}
+PATHS = {"plain": {}, "accum-freq 2": {"accum_freq": 2}, "grad-checkpointing": {"grad_checkpointing": True},
+         "torchcompile": {"torchcompile": True}, "amp": {"precision": "amp"}, "local-loss": {"local_loss": True}}
+# the paths' agreement with the plain step: float summation order in fp32; bf16 autocast rounds every matmul
+GRAD_TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2}
+READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "__array__")
+
+
+def trainer_paths(args, data: Path, store: Path, tmp: Path, out: dict) -> None:
+    """Section 5: every PATHS variant's step (seconds, peak memory), host reads and first-step agreement."""
+    base = dict(data=str(data), cache=str(store), student=args.student, batch_size=args.batch_size, steps=10**6,
+                warmup=10, workers=0, device=args.device, precision=args.precision, losses=bench_train.KD_LOSSES)
+    runs = {}
+    with C.quiet_stderr():
+        for name, kw in PATHS.items():
+            if kw.get("precision") == "amp" and args.device != "cuda":
+                continue  # fp16 autocast on a CPU runs, but says nothing of a GPU's
+            size = {"batch_size": args.batch_size // kw["accum_freq"]} if "accum_freq" in kw else {}
+            runs[name] = Trainer(TrainOptions(out=str(tmp / f"path-{len(runs)}"), **{**base, **kw, **size}))
+    items = {name: [t.loader(0, 0).dataset[0, i] for i in range(min(2 * args.batches, len(t.order.micro_batches(0))))]
+             for name, t in runs.items()}
+
+    def step(name: str, first: int = 0) -> None:
+        t = runs[name]
+        a = t.opts.accum_freq
+        t.train_step([t.micro_batch(b) for b in items[name][first * a:(first + 1) * a]], log_step=False)
+
+    # before any step: the first batch's loss compiled vs eager, then the first step's gradients
+    losses = {name: float(runs[name].compute_loss(items[name][0])[0]) for name in ("plain", "torchcompile")}
+    grads = {}
+    for name in ("plain", "accum-freq 2", "grad-checkpointing"):
+        step(name)
+        grads[name] = [p.grad.float().clone() for p in runs[name].model.parameters() if p.grad is not None]
+    peaks = {}
+
+    def measured(name: str):
+        def run():
+            if args.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            step(name, current["i"])
+            if args.device == "cuda":
+                peaks.setdefault(name, []).append(torch.cuda.max_memory_allocated())
+        return run
+
+    current = {"i": 0}
+    out["times_s"] = C.interleaved({name: measured(name) for name in runs}, args.repeats, args.device,
+                                   warmup=args.warmup, before_round=lambda r: current.update(i=r % args.batches))
+    out["peak_memory_bytes"] = {name: max(v) for name, v in peaks.items()}
+    reads = []
+    originals = {m: getattr(torch.Tensor, m) for m in READS}
+    for m, original in originals.items():
+        setattr(torch.Tensor, m, lambda *a, _m=m, _o=original, **k: (reads.append(_m), _o(*a, **k))[1])
+    try:
+        step("plain")
+    finally:
+        for m, original in originals.items():
+            setattr(torch.Tensor, m, original)
+    out["host_reads_per_step"] = len(reads)
+    norm = lambda tensors: float(torch.stack([t.norm() for t in tensors]).norm())  # noqa: E731 - of all of them
+    out["rel_grad_diff"] = {name: norm([a - b for a, b in zip(g, grads["plain"])]) / norm(grads["plain"])
+                            for name, g in grads.items() if name != "plain"}
+    out["compiled_vs_eager_loss_rel"] = abs(losses["torchcompile"] / losses["plain"] - 1)
+    C.print_table(["path", "median step s", "vs plain", "peak MB"],
+                  [[name, C.median(t), C.paired_ratio(t, out["times_s"]["plain"]),
+                    out["peak_memory_bytes"].get(name, 0) / 2**20] for name, t in out["times_s"].items()],
+                  f"trainer paths, cached KD, batch {args.batch_size}, on {args.device}")
+
+
+def path_goals(args, paths: dict) -> list[dict]:
+    rows = [goal("agreement", "host reads per cached-KD step (not logged)", paths["host_reads_per_step"], "0",
+                 paths["host_reads_per_step"] == 0)]
+    tolerance = GRAD_TOLERANCE[args.precision]
+    for name, diff in paths["rel_grad_diff"].items():
+        rows.append(goal("agreement", f"{name}: first-step gradients vs plain (relative norm of the difference)", diff,
+                         f"<= {tolerance:g}", diff <= tolerance,
+                         "accumulation: 2 x half the batch" if "accum" in name else ""))
+    rows.append(goal("agreement", "torchcompile loss vs eager, relative", paths["compiled_vs_eager_loss_rel"],
+                     f"<= {tolerance:g}", paths["compiled_vs_eager_loss_rel"] <= tolerance))
+    times = paths["times_s"]
+    for name in times:
+        if name != "plain":
+            ratio = C.paired_ratio(times[name], times["plain"])
+            rows.append(goal("speed", f"{name} step / plain step", ratio, "measured", True,
+                             f"peak {paths['peak_memory_bytes'].get(name, 0) / 2**20:.0f} MB vs "
+                             f"{paths['peak_memory_bytes'].get('plain', 0) / 2**20:.0f} MB"))
+    return rows
+
+
+GOALS = {"build": build_goals, "train": train_goals, "agreement": agreement_goals, "retrieval": retrieval_goals,
+         "paths": path_goals}
 
 
 def main() -> None:
@@ -211,6 +306,8 @@ def main() -> None:
             goals.append(goal("error", "train step", None, "runs", False, "not run: it trains on the build's store"))
         section("agreement", lambda out: out.update(device_vs_cpu_store(args, tmp)))
         section("retrieval", lambda out: out.update(faiss_flat(args)))
+        if store is not None:
+            section("paths", lambda out: trainer_paths(args, data, store, tmp, out))
     C.print_table(["goal", "value", "target", "status", "note"],
                   [[g["goal"], "" if g["value"] is None else g["value"], g["target"], g["status"], g["note"]]
                    for g in goals], f"goals ({time.perf_counter() - run_started:.0f} s in all)")

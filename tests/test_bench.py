@@ -25,7 +25,7 @@ KEYS = {
     "bench_grad_precision.py": {"grad_max_rel_error_per_batch", "gd_loss_max_rel_diff_over_run"},
     "bench_scale.py": {"sizes", "extrapolated_11M", "ranks", "gradient_window", "stores"},
     "bench_train.py": {"times_s", "ratios", "loader_alone_s", "loader_step_s", "target_agreement_min_cosine"},
-    "gpu_check.py": {"build", "train", "agreement", "retrieval", "goals"},
+    "gpu_check.py": {"build", "train", "agreement", "retrieval", "paths", "goals"},
 }
 
 

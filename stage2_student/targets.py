@@ -124,7 +124,8 @@ class TargetProvider:
             teacher.logit_scale if teacher is not None else None)
         self.logit_bias = cache.teacher_logit_bias if cache is not None else (
             teacher.logit_bias if teacher is not None else None)
-        self.grad_scale = float(cache.attrs.get("grad_scale", 1.0)) if cache is not None else 1.0
+        # gradients are stored scaled by grad_scale (a store built with --no-grads has none)
+        self.grad_scale = float(cache.attrs.get("grad_scale") or 1.0) if cache is not None else 1.0
         if cache is not None and mode != "live":
             wanted = (needs | (optional if grad_batches else frozenset())) & {
                 "image_emb", "text_emb", "image_grad", "text_grad"}

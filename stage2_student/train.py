@@ -19,6 +19,7 @@ import uuid
 from contextlib import ExitStack
 from dataclasses import MISSING, asdict, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -49,7 +50,9 @@ from stage2_student.checkpoints import CheckpointHistory
 from stage2_student.step import DistillModel, MicroBatch, OptimizerStep
 from stage2_student.student import Student, check_models_serve_losses, loss_dims
 from stage2_student.targets import TargetProvider, uncacheable
-from stage2_student.validation import Validated, Validation
+
+if TYPE_CHECKING:
+    from stage2_student.validation import Validated, Validation
 
 log = logging.getLogger("kd-train")
 # what a run writes (and --overwrite removes): the open_clip hub folder, its card, and what resumes and records it;
@@ -359,6 +362,8 @@ class Trainer:
         self.validated: Validated | None = None  # the latest evaluation of the student (rank 0)
         validation = None
         if opts.val_data or opts.zeroshot_data:
+            from stage2_student.validation import Validation  # evaluation's FAISS: imported by a run that evaluates
+
             validation = Validation(opts.val_data, opts.zeroshot_data, max(1, opts.batch_size // self.world),
                                     opts.batch_size, opts.workers, opts.on_error)
         if opts.keep_best and opts.keep_best not in validation.metric_names():

@@ -142,7 +142,7 @@ def test_a_shard_truncated_after_the_build_trains_on_what_the_cache_knows_it_kep
     lost = json.loads((tmp_path / "skip" / "lost_samples.json").read_text())
     assert [(x["shard"], x["samples_before"], x["samples_lost"]) for x in lost] == [(str(damaged), kept, 32 - kept)]
     assert f"1 damaged shard(s) lost {32 - kept} samples after the damage, 0 unreadable" in trainer.summary
-    trained = np.unique(trainer.epoch_batches(0))
+    trained = np.unique(trainer.order.micro_batches(0))
     assert trainer.usable.sum() == 64 + kept and set(trained) <= set(np.flatnonzero(trainer.usable))
     assert trainer.corpus.counts[1] == kept + 1 and 32 + kept not in trained  # the sample the cut went through
     metrics = read_metrics(tmp_path / "skip")

@@ -165,14 +165,12 @@ class OptimizerStep:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def distribute(self, first: list[MicroBatch]) -> list[str]:
-        """Wrap the model in DDP (under torchrun). Parameters that none of the chosen losses reaches (a CoCa's
+        """Wrap the model in DDP (a multi-rank run). Parameters that none of the chosen losses reaches (a CoCa's
         decoder without the caption loss, a logit scale no loss reads) are found by one forward and backward of
         the first micro-batch and frozen, as they would get no gradient anyway: DDP then needs neither
         find_unused_parameters (a graph search every step) nor static_graph (whose first step cannot be a
         no_sync one). The probe leaves no trace (buffers and RNG restored, gradients dropped). Returns their
         names."""
-        if not dist.is_distributed():
-            return []
         with preserved(self.model, self.device):
             with self.autocast():
                 loss, _ = self.model(first[0])

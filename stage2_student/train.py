@@ -727,7 +727,7 @@ class Trainer:
             items = iter(self.loader(epoch, start))
             while self.step < self.total_steps:
                 micro_batches = [self.micro_batch(next(items)) for _ in range(self.opts.accum_freq)]
-                if self.optimizer_step.wrapped is self.model:  # the first step: DDP wraps the model
+                if dist.is_distributed() and self.optimizer_step.wrapped is self.model:  # the first step
                     self.distribute(micro_batches)
                 log_step = self.step + 1 in (1, self.total_steps) or (self.step + 1) % self.opts.log_every == 0
                 self.train_step(micro_batches, log_step)
